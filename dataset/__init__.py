@@ -1,0 +1,79 @@
+"""Data: annotation reading and checks, image and text pipelines, loaders for training and evaluation."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.distributed import DistInfo, barrier, shard_range
+
+from .annotations import DataError, EvalAnnotations, load_eval_annotations, load_train_annotations
+from .re_dataset import EvalImageDataset, RetrievalTrainDataset, TrainCollator
+from .samplers import SeededShardSampler
+from .transforms import test_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataError", "EvalSplit", "create_eval_split", "create_train_loader", "prepare_synthetic_data"]
+
+
+@dataclass
+class EvalSplit:
+    """A val/test split: all its annotations, and a loader over this process's shard of its images."""
+
+    name: str
+    annotations: EvalAnnotations
+    image_loader: DataLoader
+
+
+def prepare_synthetic_data(config: dict[str, Any], info: DistInfo) -> None:
+    """Generate the procedural demo dataset when the config asks for it (rank 0 writes, the others wait)."""
+    spec = config["synthetic_data"]
+    if not spec:
+        return
+    if info.is_main:
+        from .synthetic import DemoSpec, ensure_demo_dataset
+
+        root = ensure_demo_dataset(spec["root"], DemoSpec(**{k: v for k, v in spec.items() if k != "root"}))
+        log.info("demo dataset ready in %s", root)
+    barrier()
+
+
+def _loader_options(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    workers = config["num_workers"]
+    return {"num_workers": workers, "pin_memory": config["pin_memory"] and device.type == "cuda",
+            "persistent_workers": config["persistent_workers"] and workers > 0}
+
+
+def create_train_loader(config: dict[str, Any], tokenizer: Any, info: DistInfo, seed: int,
+                        device: torch.device) -> DataLoader:
+    """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e."""
+    ann = load_train_annotations(config["train_file"], config["image_root"], config["max_words"],
+                                 config["skip_bad_samples"])
+    if ann.skipped:
+        log.warning("train: skipped %d entries with missing or unreadable images", ann.skipped)
+    log.info("train: %d captions of %d images, %d scene labels", len(ann.captions), len(set(ann.image_index)),
+             len(set(ann.labels)))
+    dataset = RetrievalTrainDataset(ann, train_transform(config))
+    sampler = SeededShardSampler(len(dataset), seed, info.rank, info.world_size)
+    if len(sampler) < config["batch_size_train"]:
+        raise DataError(f"batch_size_train {config['batch_size_train']} exceeds the {len(sampler)} training "
+                        f"captions each process gets")
+    return DataLoader(dataset, batch_size=config["batch_size_train"], sampler=sampler, drop_last=True,
+                      collate_fn=TrainCollator(tokenizer, config["max_tokens"]), **_loader_options(config, device))
+
+
+def create_eval_split(config: dict[str, Any], split: str, device: torch.device) -> EvalSplit:
+    """Annotations of ``val`` or ``test`` and a loader over this process's contiguous shard of images."""
+    ann = load_eval_annotations(config[f"{split}_file"], config["image_root"], config["max_words"],
+                                config["skip_bad_samples"])
+    if ann.skipped:
+        log.warning("%s: skipped %d images that are missing or unreadable (with their captions)", split, ann.skipped)
+    shard = EvalImageDataset(ann, test_transform(config), shard_range(len(ann.image_paths)))
+    options = _loader_options(config, device)
+    options["persistent_workers"] = False
+    loader = DataLoader(shard, batch_size=config["batch_size_test"], shuffle=False, **options)
+    return EvalSplit(split, ann, loader)

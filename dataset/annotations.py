@@ -1,0 +1,173 @@
+"""Reading and checking X-VLM/PIR retrieval JSON (the "re" format).
+
+Train files hold one entry per caption (``image``, ``caption``, ``image_id``, optional ``label``);
+val/test files hold one entry per image with its list of captions. Every problem stops the load with
+a message naming the file and the entry, unless ``skip_bad_samples`` is set, in which case entries with
+missing or unreadable images are skipped, counted and logged (malformed entries always stop it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .captions import pre_caption
+from .images import candidate_paths, load_rgb, resolve_image_path
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """An annotation file or an image it names is unusable; the message says which and where."""
+
+
+@dataclass
+class TrainAnnotations:
+    """One row per caption; ``image_index`` is contiguous in order of first appearance of ``image_id``."""
+
+    image_paths: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    image_index: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    label_names: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+
+
+@dataclass
+class EvalAnnotations:
+    """Images in file order; captions numbered consecutively, so ``img2txt[i]`` lists image i's caption ids."""
+
+    image_paths: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    img2txt: list[list[int]] = field(default_factory=list)
+    txt2img: list[int] = field(default_factory=list)
+    skipped: int = 0
+
+
+def scene_label_name(image: str) -> str:
+    """Scene of an image from its file name: ``denseresidential_12.tif`` -> ``denseresidential``.
+
+    A name without a ``<scene>_<n>`` prefix (RSICD's ``00017.jpg``) is a scene of its own.
+    """
+    name = os.path.basename(image)
+    stem = os.path.splitext(name)[0]
+    if stem.isdigit() or "_" not in stem:
+        return name
+    return stem.rsplit("_", 1)[0]
+
+
+def read_json_list(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    return data
+
+
+def _field(entry: Any, name: str, types: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+    if name not in entry:
+        raise DataError(f"{where}: missing field '{name}'")
+    value = entry[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DataError(f"{where}: field '{name}' has type {type(value).__name__}")
+    return value
+
+
+def _clean(caption: str, max_words: int, where: str) -> str:
+    try:
+        return pre_caption(caption, max_words)
+    except ValueError:
+        raise DataError(f"{where}: empty caption {caption!r}") from None
+
+
+def _image_problem(image_root: str, image: str, check_decode: bool) -> tuple[str | None, str | None]:
+    """(resolved path, problem description); the problem is ``None`` when the image is usable."""
+    path = resolve_image_path(image_root, image)
+    if path is None:
+        return None, f"image not found (tried {' and '.join(candidate_paths(image_root, image))})"
+    if check_decode:
+        try:
+            load_rgb(path)
+        except Exception as err:  # Pillow raises several types for corrupt files
+            return path, f"cannot decode image {path}: {err}"
+    return path, None
+
+
+def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:
+    if not skip_bad:
+        raise DataError(f"{where}: {problem} (set skip_bad_samples: true to skip such entries)")
+    log.warning("skipping %s: %s", where, problem)
+
+
+def load_train_annotations(files: Iterable[str], image_root: str, max_words: int,
+                           skip_bad: bool = False) -> TrainAnnotations:
+    """Read and check train JSON files (concatenated in order)."""
+    out = TrainAnnotations()
+    index_of_image: dict[Any, int] = {}
+    path_cache: dict[str, tuple[str | None, str | None]] = {}
+    has_label: bool | None = None
+    for file in files:
+        for i, entry in enumerate(read_json_list(file)):
+            where = f"{file}, entry {i}"
+            image = _field(entry, "image", str, where)
+            caption = _clean(_field(entry, "caption", str, where), max_words, where)
+            image_id = _field(entry, "image_id", (int, str), where)
+            entry_has_label = "label" in entry
+            if has_label is None:
+                has_label = entry_has_label
+            if entry_has_label != has_label:
+                raise DataError(f"{where}: 'label' is {'present' if entry_has_label else 'absent'} here but not in "
+                                f"the first entry; give it for every entry or for none")
+            if image not in path_cache:
+                path_cache[image] = _image_problem(image_root, image, check_decode=skip_bad)
+            path, problem = path_cache[image]
+            if problem is not None:
+                _skip_or_raise(problem, where, skip_bad)
+                out.skipped += 1
+                continue
+            if has_label:
+                label = _field(entry, "label", int, where)
+            else:
+                label = out.label_names.setdefault(scene_label_name(image), len(out.label_names))
+            out.image_paths.append(path)
+            out.captions.append(caption)
+            out.image_index.append(index_of_image.setdefault(image_id, len(index_of_image)))
+            out.labels.append(label)
+    if not out.captions:
+        raise DataError(f"no usable training entries in {list(files)}")
+    return out
+
+
+def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: bool = False) -> EvalAnnotations:
+    """Read and check a val/test JSON (one entry per image with a list of captions)."""
+    out = EvalAnnotations()
+    for i, entry in enumerate(read_json_list(file)):
+        where = f"{file}, entry {i}"
+        image = _field(entry, "image", str, where)
+        captions = _field(entry, "caption", (list, str), where)
+        captions = [captions] if isinstance(captions, str) else captions
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise DataError(f"{where}: 'caption' must be a non-empty list of strings")
+        cleaned = [_clean(c, max_words, f"{where}, caption {j}") for j, c in enumerate(captions)]
+        path, problem = _image_problem(image_root, image, check_decode=skip_bad)
+        if problem is not None:
+            _skip_or_raise(problem, where, skip_bad)
+            out.skipped += 1
+            continue
+        image_number = len(out.image_paths)
+        out.image_paths.append(path)
+        out.img2txt.append(list(range(len(out.texts), len(out.texts) + len(cleaned))))
+        out.texts.extend(cleaned)
+        out.txt2img.extend([image_number] * len(cleaned))
+    if not out.image_paths:
+        raise DataError(f"no usable entries in {file}")
+    return out

@@ -1,0 +1,86 @@
+"""Datasets for retrieval training (one item per caption) and evaluation (images; texts are tokenised in chunks)."""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import DataError, EvalAnnotations, TrainAnnotations
+from .images import load_rgb
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch, random and numpy for one sample, restoring the caller's generators afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _load(path: str, where: str):
+    try:
+        return load_rgb(path)
+    except Exception as err:  # Pillow raises several types for corrupt files
+        raise DataError(f"{where}: cannot decode image {path}: {err}") from err
+
+
+class RetrievalTrainDataset(Dataset):
+    """Items are ``(index, sample_seed)`` keys from :class:`SeededShardSampler`, or plain indices."""
+
+    def __init__(self, annotations: TrainAnnotations, transform: Callable) -> None:
+        self.ann = annotations
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ann.captions)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        image = _load(self.ann.image_paths[index], f"train caption {index}")
+        with seeded_rng(seed):
+            pixels = self.transform(image)
+        return {"image": pixels, "caption": self.ann.captions[index],
+                "image_idx": self.ann.image_index[index], "label": self.ann.labels[index]}
+
+
+class TrainCollator:
+    """Stacks images and tokenises the batch's captions, padded to the longest."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        text = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
+                              max_length=self.max_tokens, return_tensors="pt")
+        return {"images": torch.stack([item["image"] for item in items]),
+                "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                "image_idx": torch.tensor([item["image_idx"] for item in items]),
+                "label": torch.tensor([item["label"] for item in items])}
+
+
+class EvalImageDataset(Dataset):
+    """The images of one val/test split (a shard of them when ``indices`` is given), with their indices."""
+
+    def __init__(self, annotations: EvalAnnotations, transform: Callable, indices: range | None = None) -> None:
+        self.ann = annotations
+        self.transform = transform
+        self.indices = indices if indices is not None else range(len(annotations.image_paths))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[i]
+        return self.transform(_load(self.ann.image_paths[index], f"eval image {index}")), index

@@ -1,0 +1,84 @@
+"""The plain dual encoder (PIR's "VSE2 (CL)" baseline): Swin or ViT + BERT, linear projections, cosine.
+
+Image embedding = L2norm(vision_proj(pooled token)); text embedding = L2norm(text_proj([CLS])).
+State-dict keys follow PIR's baseline: ``vision_encoder.*``, ``text_encoder.*``, ``vision_proj.*``,
+``text_proj.*``, ``temp``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import register_model
+from .encoders import BertTextEncoder, build_vision_encoder, read_vision_config
+from .encoders.text import has_pretrained_weights
+
+log = logging.getLogger(__name__)
+
+
+class DualEncoder(nn.Module):
+    """Two towers meeting only in the cosine similarity; every retrieval model shares this interface."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.vision_cfg = read_vision_config(config["vision_config"], "swin" if config["use_swin"] else "vit")
+        if self.vision_cfg["image_res"] != config["image_res"]:
+            raise ValueError(f"image_res {config['image_res']} in the YAML differs from "
+                             f"{self.vision_cfg['image_res']} in {config['vision_config']}")
+        self.vision_encoder = build_vision_encoder(self.vision_cfg)
+        stride = self.vision_encoder.total_stride
+        if config["patch_size"] is not None and config["patch_size"] != stride:
+            raise ValueError(f"patch_size {config['patch_size']} does not match the vision encoder's total "
+                             f"stride {stride} ({config['vision_config']})")
+        self.text_encoder = BertTextEncoder.from_json(config["text_config"])
+        self.vision_proj = nn.Linear(self.vision_encoder.width, config["embed_dim"])
+        self.text_proj = nn.Linear(self.text_encoder.width, config["embed_dim"])
+        self.temp = nn.Parameter(torch.tensor(float(config["temp1"])))
+        self.use_attention_mask = config["text_attention_mask"]
+        if config["grad_checkpointing"]:
+            self.vision_encoder.set_grad_checkpointing(True)
+            self.text_encoder.set_grad_checkpointing(True)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vision_encoder.forward_tokens(images)
+        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask if self.use_attention_mask else None
+        tokens = self.text_encoder.forward_tokens(input_ids, mask)
+        return F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_feat": self.encode_image(images), "text_feat": self.encode_text(input_ids, attention_mask),
+                "temp": self.temp}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the encoders exempt from weight decay (position embeddings, class tokens)."""
+        return ({f"vision_encoder.{n}" for n in self.vision_encoder.no_weight_decay()}
+                | {f"text_encoder.{n}" for n in getattr(self.text_encoder, "no_weight_decay", lambda: set())()})
+
+    def head_parameter_names(self) -> set[str]:
+        """Newly initialised parameters (not from a pretrained encoder); ``optimizer.lr_mult`` applies to them."""
+        return {n for n, _ in self.named_parameters() if not n.startswith(("vision_encoder.", "text_encoder."))}
+
+    def load_pretrained(self, config: dict[str, Any]) -> None:
+        """Load the encoder weights the config names; say loudly which encoder starts from random weights."""
+        if self.vision_cfg.get("ckpt"):
+            self.vision_encoder.load_pretrained(self.vision_cfg["ckpt"])
+        else:
+            log.warning("vision encoder: random init (%s names no ckpt)", config["vision_config"])
+        if has_pretrained_weights(config["text_encoder"]):
+            self.text_encoder.load_pretrained(config["text_encoder"])
+        else:
+            log.warning("text encoder: random init (no weights in %s)", config["text_encoder"])
+
+
+@register_model("swin_bert_cl")
+def swin_bert_cl(config: dict[str, Any]) -> DualEncoder:
+    """Swin-T (or ViT) + BERT trained with the contrastive loss alone."""
+    return DualEncoder(config)

@@ -1,0 +1,129 @@
+"""Launcher, as PIR/X-VLM users type it:
+
+    python run.py                                       # the demo: generate data, train, evaluate (CPU ok)
+    python run.py --task itr_rsitmd --config configs/Retrieval_rsitmd.yaml --output_dir output/rsitmd --dist f2
+    python run.py --task itr_rsitmd --evaluate --checkpoint output/rsitmd/checkpoint_best.pth --output_dir output/eval
+    python run.py --config configs/demo.yaml optimizer.lr=1e-3 schedular.epochs=2     # dotted config overrides
+
+One process runs in place (no torch.distributed); several are started with torchrun. ``--config`` is
+always honoured: ``--task`` only supplies the default config.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+TASKS = {
+    "demo": "configs/demo.yaml",
+    "itr_rsitmd": "configs/Retrieval_rsitmd.yaml",
+    "itr_rsicd": "configs/Retrieval_rsicd.yaml",
+}
+
+# PIR/X-VLM --dist presets: visible GPUs and processes per node. gpuN (one process on GPU N) and cpu are
+# handled separately.
+DIST_PRESETS = {
+    "f2": ("0,1", 2), "f3": ("0,1,2", 3), "f4": ("0,1,2,3", 4), "f8": ("0,1,2,3,4,5,6,7", 8),
+    "f12": ("1,2", 2), "f02": ("0,2", 2), "f03": ("0,3", 2), "l2": ("2,3", 2),
+}
+
+log = logging.getLogger("run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="demo", choices=sorted(TASKS), help="names the default config")
+    parser.add_argument("--config", default=None, help="YAML config (default: the task's)")
+    parser.add_argument("--output_dir", default=None, help="run folder (default: output/<task>)")
+    parser.add_argument("--checkpoint", default="-1", help="weights to start from or evaluate; -1 = none")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate only")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="split for --evaluate")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue a run from output_dir/checkpoint_last.pth ('latest') or a path")
+    parser.add_argument("--dist", default=None,
+                        help="cpu, gpuN, or a multi-GPU preset (" + ", ".join(DIST_PRESETS) + "); default: gpu0 "
+                             "when CUDA is available, else cpu")
+    parser.add_argument("--nproc_per_node", type=int, default=None, help="processes per node (overrides the preset)")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    parser.add_argument("--node_rank", type=int, default=0, help="rank of this node")
+    parser.add_argument("--master_addr", default="127.0.0.1", help="address of node 0 (multi-node)")
+    parser.add_argument("--master_port", type=int, default=None, help="port on node 0 (default: 9999 multi-node, "
+                                                                      "a free port on one node)")
+    parser.add_argument("--bs", type=int, default=-1, help="if > 0, the global train batch (split over processes)")
+    parser.add_argument("--seed", type=int, default=42, help="seed; each process uses seed + rank")
+    parser.add_argument("--device", default=None, help="force cuda or cpu (default: from --dist)")
+    parser.add_argument("--load_ckpt_from", default="", help="X-VLM pre-training option: accepted and ignored")
+    parser.add_argument("--output_hdfs", default="", help="X-VLM HDFS option: accepted and ignored")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optimizer.lr=1e-4")
+    return parser
+
+
+def resolve_dist(dist: str | None, nproc: int | None) -> tuple[str | None, int, str]:
+    """(CUDA_VISIBLE_DEVICES or None, processes per node, device) for a ``--dist`` value."""
+    if dist is None:
+        import torch  # only to pick the default; the worker imports it anyway
+
+        dist = "gpu0" if torch.cuda.is_available() else "cpu"
+    if dist == "cpu":
+        return None, nproc or 1, "cpu"
+    gpu = re.fullmatch(r"gpu(\d+)", dist)
+    if gpu:
+        return gpu.group(1), nproc or 1, "cuda"
+    if dist in DIST_PRESETS:
+        devices, count = DIST_PRESETS[dist]
+        return devices, nproc or count, "cuda"
+    raise SystemExit(f"run.py: unknown --dist {dist!r}; use cpu, gpuN or one of {', '.join(DIST_PRESETS)}")
+
+
+def worker_arguments(args: argparse.Namespace, config: str, output_dir: str, device: str) -> list[str]:
+    """The ``Retrieval.py`` command line: every launcher option is forwarded (the seed too)."""
+    argv = ["--config", config, "--output_dir", output_dir, "--checkpoint", args.checkpoint, "--bs", str(args.bs),
+            "--seed", str(args.seed), "--device", device, "--split", args.split]
+    if args.evaluate:
+        argv.append("--evaluate")
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.overrides:
+        argv += ["--opts", *args.overrides]
+    return argv
+
+
+def torchrun_command(args: argparse.Namespace, nproc: int, worker_argv: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if args.nnodes == 1 and args.master_port is None:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
+                    f"--master_port={args.master_port or 9999}"]
+    return command + [str(Path(__file__).with_name("Retrieval.py")), *worker_argv]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    config = args.config or TASKS[args.task]
+    output_dir = args.output_dir or os.path.join("output", args.task)
+    for option in ("load_ckpt_from", "output_hdfs"):
+        if getattr(args, option).strip():
+            log.warning("run.py: --%s is accepted for X-VLM compatibility and ignored", option)
+    visible, nproc, device = resolve_dist(args.dist, args.nproc_per_node)
+    device = args.device or device
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    worker_argv = worker_arguments(args, config, output_dir, device)
+    if nproc * args.nnodes == 1:
+        import Retrieval  # in place: no process group, no launcher
+
+        Retrieval.main(worker_argv)
+        return 0
+    command = torchrun_command(args, nproc, worker_argv)
+    log.info("run.py: %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

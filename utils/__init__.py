@@ -1,0 +1,1 @@
+"""Shared infrastructure: config, distributed helpers, metrics, checkpoints, logging."""
