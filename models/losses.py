@@ -10,9 +10,15 @@ import torch.nn.functional as F
 SOFT_TARGET_EPS = 6e-5
 
 
-def soft_targets(query_ids: torch.Tensor, key_ids: torch.Tensor, eps: float = SOFT_TARGET_EPS) -> torch.Tensor:
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax in fp32 under autocast; float64 inputs (tests against formulas) stay float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def soft_targets(query_ids: torch.Tensor, key_ids: torch.Tensor, eps: float = SOFT_TARGET_EPS,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Row-normalised multi-positive targets: every key of the query's image is a positive, plus ``eps`` everywhere."""
-    same = (query_ids[:, None] == key_ids[None, :]).to(torch.float32)
+    same = (query_ids[:, None] == key_ids[None, :]).to(dtype)
     targets = same + eps
     return targets / targets.sum(1, keepdim=True)
 
@@ -32,7 +38,8 @@ def contrastive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_id
     if caption_weights is not None:
         logits_i2t = logits_i2t * caption_weights[None, :]
         logits_t2i = logits_t2i * caption_weights[rows, None]
-    targets = soft_targets(image_ids[rows], image_ids, eps)
-    loss_i2t = -(F.log_softmax(logits_i2t.float(), dim=1) * targets).sum(1).mean()
-    loss_t2i = -(F.log_softmax(logits_t2i.float(), dim=1) * targets).sum(1).mean()
+    logits_i2t, logits_t2i = _at_least_fp32(logits_i2t), _at_least_fp32(logits_t2i)
+    targets = soft_targets(image_ids[rows], image_ids, eps, logits_i2t.dtype)
+    loss_i2t = -(F.log_softmax(logits_i2t, dim=1) * targets).sum(1).mean()
+    loss_t2i = -(F.log_softmax(logits_t2i, dim=1) * targets).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2

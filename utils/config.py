@@ -132,9 +132,9 @@ _SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULE
 _ALIASES = {"scheduler": "schedular"}
 
 
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -167,7 +167,7 @@ def _validate(raw: Mapping[str, Any], schema: Section, source: str, prefix: str 
         name = _ALIASES.get(name, name) if not prefix else name
         where = f"{source}: key '{prefix}{name}'"
         if not isinstance(name, str) or name not in schema:
-            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{_did_you_mean(str(name), schema)}")
+            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{_did_you_mean(str(name), schema, prefix)}")
         if name in out:
             raise ConfigError(f"{where} is given twice (once under an alias)")
         key = schema[name]

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline hub, the project root on sys.path, a tiny generated dataset and tiny encoder configs."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+sys.path.insert(0, str(ROOT))
+
+TINY_SWIN = {"arch": "swin", "vision_width": 64, "image_res": 32, "window_size": 4, "embed_dim": 32,
+             "depths": [1, 1], "num_heads": [1, 2], "drop_path_rate": 0.0}
+TINY_VIT = {"arch": "vit", "vision_width": 32, "image_res": 32, "patch_size": 8, "depth": 1, "num_heads": 2}
+TINY_BERT = {"model_type": "bert", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+             "type_vocab_size": 2, "pad_token_id": 0}
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small procedural dataset (10 classes x 8/2/2 images, 32 px) with its vocab.txt."""
+    from dataset.synthetic import DemoSpec, ensure_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    return ensure_demo_dataset(root, DemoSpec(train_per_class=8, val_per_class=2, test_per_class=2, image_size=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A YAML config training a tiny Swin + BERT on ``demo_root`` (a few seconds per epoch on CPU)."""
+    folder = tmp_path_factory.mktemp("configs")
+    vision = write_json(folder / "swin.json", TINY_SWIN)
+    text = write_json(folder / "bert.json", TINY_BERT)
+    yaml = f"""\
+train_file: ['{demo_root}/demo_train.json']
+val_file: '{demo_root}/demo_val.json'
+test_file: '{demo_root}/demo_test.json'
+image_root: '{demo_root}/images'
+vision_config: '{vision}'
+text_config: '{text}'
+text_encoder: '{demo_root}/tokenizer'
+image_res: 32
+embed_dim: 32
+batch_size_train: 32
+batch_size_test: 16
+batch_size_test_text: 32
+num_workers: 0
+optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.01, lr_mult: 2}}
+schedular: {{sched: linear, epochs: 3, num_warmup_steps: 0.1}}
+print_freq: 5
+"""
+    path = folder / "tiny.yaml"
+    path.write_text(yaml, encoding="utf-8")
+    return path
