@@ -278,6 +278,14 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
     return state
 
 
+def check_vocabulary(tokenizer: Any, model: nn.Module, config: dict[str, Any]) -> None:
+    """Token ids must fit the text encoder's embedding table."""
+    size = model.text_encoder.config.vocab_size
+    if tokenizer.vocab_size > size:
+        raise ValueError(f"{config['text_encoder']}/vocab.txt has {tokenizer.vocab_size} tokens but "
+                         f"{config['text_config']} sets vocab_size {size}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = load_config(args.config, [*args.opts, *args.overrides])
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = build_tokenizer(config["text_encoder"])
     start_from = None if args.checkpoint.strip().lower() in NO_CHECKPOINT else args.checkpoint
     model = build_model(config, pretrained=start_from is None and not args.resume).to(device)
+    check_vocabulary(tokenizer, model, config)
     if start_from is not None:
         load_weights(model, start_from)
     try:

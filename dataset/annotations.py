@@ -53,9 +53,8 @@ def scene_label_name(image: str) -> str:
     """
     name = os.path.basename(image)
     stem = os.path.splitext(name)[0]
-    if stem.isdigit() or "_" not in stem:
-        return name
-    return stem.rsplit("_", 1)[0]
+    scene, _, number = stem.rpartition("_")
+    return scene if scene and number.isdigit() else name
 
 
 def read_json_list(path: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Caption cleaning exactly as X-VLM's ``pre_caption``."""
+"""Caption cleaning as PIR/FISVL's ``pre_caption`` (fisvl-method.md §6: the punctuation is deleted, where
+upstream X-VLM replaces it with a space)."""
 from __future__ import annotations
 
 import re

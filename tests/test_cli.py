@@ -1,0 +1,109 @@
+"""The command line end to end: train a tiny model, kill it mid-run, resume, compare, evaluate; torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"train_time_s", "samples_per_s", "max_mem_mb"}
+
+
+def run_py(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), *args]
+
+
+def read_log(output_dir: Path) -> tuple[list[dict], dict]:
+    lines = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+    return lines[:-1], lines[-1]
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "nested" / "uninterrupted"
+    subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--dist", "cpu"),
+                   check=True, cwd=ROOT, timeout=600)
+    return out
+
+
+def test_training_outputs(uninterrupted: Path) -> None:
+    epochs, summary = read_log(uninterrupted)
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for key in ("train_lr", "train_loss_contr", "val_txt_r1", "val_img_r10", "val_r_mean", "test_txt_r1",
+                "test_r_mean", "samples_per_s"):
+        assert key in epochs[0]
+    assert isinstance(epochs[0]["train_loss_contr"], str) and isinstance(epochs[0]["val_r_mean"], float)
+    assert summary["selected_on"] == "val"
+    best = max(epochs, key=lambda r: r["val_r_mean"])
+    assert summary["best_epoch"] == best["epoch"] and summary["test_at_best"]["r_mean"] == best["test_r_mean"]
+    saved_best = torch.load(uninterrupted / "checkpoint_best.pth", weights_only=True)
+    assert saved_best["epoch"] == best["epoch"] and set(saved_best) >= {"model", "config", "epoch", "metric"}
+    assert (uninterrupted / "config.yaml").is_file()
+    assert any((uninterrupted / "tensorboard").iterdir())
+    assert not list(uninterrupted.glob(".*.tmp"))
+
+
+def test_interrupted_run_resumes_as_if_never_stopped(uninterrupted: Path, tiny_config_path: Path,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    command = run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--dist", "cpu")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint_last.pth").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(out / "checkpoint_last.pth", weights_only=True)["train_state"]["epoch"]
+    assert stopped_at < 3, "the run finished before it could be interrupted"
+
+    subprocess.run([*command, "--resume"], check=True, cwd=ROOT, timeout=600)
+    resumed_epochs, resumed_summary = read_log(out)
+    epochs, summary = read_log(uninterrupted)
+    assert [without_timing(r) for r in resumed_epochs] == [without_timing(r) for r in epochs]
+    assert resumed_summary == summary
+    a = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(uninterrupted / "checkpoint_last.pth", weights_only=True)
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+
+
+def test_evaluate_reproduces_the_logged_test_score(uninterrupted: Path, tiny_config_path: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--evaluate",
+                          "--checkpoint", str(uninterrupted / "checkpoint_best.pth")), check=True, cwd=ROOT, timeout=600)
+    result = json.loads((out / "eval_results.json").read_text())
+    _, summary = read_log(uninterrupted)
+    for key, value in summary["test_at_best"].items():
+        assert round(result[key], 2) == value
+    assert result["split"] == "test" and result["r_mean"] > result["chance_r_mean"]
+
+
+def test_two_processes_with_torchrun(tiny_config_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--dist", "cpu",
+                                   "--nproc_per_node", "2", "--bs", "32", "schedular.epochs=1"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    epochs, summary = read_log(out)
+    assert len(epochs) == 1 and summary["best_epoch"] == 0
+    assert "global batch 32" in (out / "run.log").read_text()
+
+
+def test_bad_override_stops_with_the_key_named(tiny_config_path: Path, tmp_path: Path) -> None:
+    result = subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(tmp_path / "x"),
+                                   "optimizer.lrr=1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)" in result.stderr

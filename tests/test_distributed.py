@@ -1,0 +1,48 @@
+"""2 gloo processes under torchrun give the same loss and gradients as 1 process on the same global batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("dist_loss_worker.py")
+
+
+def run_worker(output: Path, processes: int) -> dict[str, dict[str, torch.Tensor]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    result = subprocess.run([*launcher, str(WORKER), str(output)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return torch.load(output, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    folder = tmp_path_factory.mktemp("dist")
+    return run_worker(folder / "one.pt", 1), run_worker(folder / "two.pt", 2)
+
+
+@pytest.mark.parametrize("mode", ["local=True, gather_with_grad=True", "local=False, gather_with_grad=True"])
+def test_two_processes_equal_one(results: tuple[dict, dict], mode: str) -> None:
+    one, two = results[0][mode], results[1][mode]
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def test_xvlm_style_gather_scales_gradients_by_world_size(results: tuple[dict, dict]) -> None:
+    """Without gradients through the gather (X-VLM's AllGather), DDP's averaging halves the towers' gradients.
+
+    The temperature is not gathered, so each process already sees its full gradient.
+    """
+    one, two = results[0]["local=False, gather_with_grad=False"], results[1]["local=False, gather_with_grad=False"]
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-7)
+    for name in ("model.image.weight", "model.text.weight"):
+        torch.testing.assert_close(two[name] * 2, one[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(two["model.temp"], one["model.temp"], rtol=1e-5, atol=1e-6)
