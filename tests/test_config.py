@@ -107,3 +107,7 @@ def test_reference_lists_every_key() -> None:
     table = config_reference()
     for key in ("`train_file`", "`optimizer.lr`", "`schedular.num_warmup_steps`", "`synthetic_data.root`"):
         assert key in table
+
+
+def test_readme_config_reference_is_current() -> None:
+    assert config_reference() in (ROOT / "README.md").read_text(encoding="utf-8")
