@@ -107,3 +107,19 @@ def test_bad_override_stops_with_the_key_named(tiny_config_path: Path, tmp_path:
                                    "optimizer.lrr=1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)" in result.stderr
+
+
+def test_evaluation_split_over_two_processes_matches_one(uninterrupted: Path, tiny_config_path: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "eval2"
+    result = subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--evaluate",
+                                   "--dist", "cpu", "--nproc_per_node", "2",
+                                   "--checkpoint", str(uninterrupted / "checkpoint_best.pth")),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sharded = json.loads((out / "eval_results.json").read_text())
+    _, summary = read_log(uninterrupted)
+    for key, value in summary["test_at_best"].items():
+        assert round(sharded[key], 2) == value
+    assert sharded["n_images"] == 20 and sharded["n_texts"] == 100
