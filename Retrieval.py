@@ -31,6 +31,7 @@ from models.objective import build_objective
 from models.task import RetrievalTask
 from optim import create_optimizer
 from scheduler import create_scheduler
+from utils.cli import add_run_arguments
 from utils.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state,
                               write_text_atomic)
 from utils.config import dump_config, load_config
@@ -48,14 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--output_dir", required=True, help="run folder (created with its parents)")
-    parser.add_argument("--checkpoint", default="-1", help="weights to start from or to evaluate; -1 = none")
-    parser.add_argument("--evaluate", action="store_true", help="evaluate only (the --split split)")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="split for --evaluate")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue a run: 'latest' (output_dir/checkpoint_last.pth) or a checkpoint path")
+    add_run_arguments(parser)
     parser.add_argument("--device", default="cuda", help="cuda or cpu; cuda falls back to cpu when absent")
-    parser.add_argument("--seed", type=int, default=42, help="seed; each process uses seed + rank")
-    parser.add_argument("--bs", type=int, default=-1, help="if > 0, the global train batch (split over processes)")
     parser.add_argument("--dist_url", default="env://", help="process-group init method")
     parser.add_argument("--world_size", type=int, default=None, help="accepted for compatibility; the launcher sets it")
     parser.add_argument("--distributed", default=None, help="accepted for compatibility; derived from the environment")
@@ -223,8 +218,9 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"][info.rank])
         log.info("resumed from %s at epoch %d", path, state.epoch)
-        if info.is_main:
-            write_log(output_dir, state.history)
+        if info.is_main:  # drop log lines of an epoch that ran after the checkpoint
+            complete = state.epoch == config["schedular"]["epochs"]
+            write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
     wrapped: nn.Module = task
     if info.distributed:
         wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)

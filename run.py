@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.cli import add_run_arguments
+
 TASKS = {
     "demo": "configs/demo.yaml",
     "itr_rsitmd": "configs/Retrieval_rsitmd.yaml",
@@ -39,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="demo", choices=sorted(TASKS), help="names the default config")
     parser.add_argument("--config", default=None, help="YAML config (default: the task's)")
     parser.add_argument("--output_dir", default=None, help="run folder (default: output/<task>)")
-    parser.add_argument("--checkpoint", default="-1", help="weights to start from or evaluate; -1 = none")
-    parser.add_argument("--evaluate", action="store_true", help="evaluate only")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="split for --evaluate")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue a run from output_dir/checkpoint_last.pth ('latest') or a path")
+    add_run_arguments(parser)
     parser.add_argument("--dist", default=None,
                         help="cpu, gpuN, or a multi-GPU preset (" + ", ".join(DIST_PRESETS) + "); default: gpu0 "
                              "when CUDA is available, else cpu")
@@ -53,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of node 0 (multi-node)")
     parser.add_argument("--master_port", type=int, default=None, help="port on node 0 (default: 9999 multi-node, "
                                                                       "a free port on one node)")
-    parser.add_argument("--bs", type=int, default=-1, help="if > 0, the global train batch (split over processes)")
-    parser.add_argument("--seed", type=int, default=42, help="seed; each process uses seed + rank")
     parser.add_argument("--device", default=None, help="force cuda or cpu (default: from --dist)")
     parser.add_argument("--load_ckpt_from", default="", help="X-VLM pre-training option: accepted and ignored")
     parser.add_argument("--output_hdfs", default="", help="X-VLM HDFS option: accepted and ignored")
