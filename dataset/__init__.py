@@ -52,12 +52,14 @@ def create_train_loader(config: dict[str, Any], tokenizer: Any, info: DistInfo, 
                         device: torch.device) -> DataLoader:
     """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e."""
     ann = load_train_annotations(config["train_file"], config["image_root"], config["max_words"],
-                                 config["skip_bad_samples"])
+                                 config["skip_bad_samples"], config["caption_weight"])
     if ann.skipped:
         log.warning("train: skipped %d entries with missing or unreadable images", ann.skipped)
     log.info("train: %d captions of %d images, %d scene labels", len(ann.captions), len(set(ann.image_index)),
              len(set(ann.labels)))
-    dataset = RetrievalTrainDataset(ann, train_transform(config))
+    log.info("train: caption weights from %s", ann.weight_source)
+    log.info("train: augmentation '%s', word deletion rate %g", config["dataset_kind"], config["deletion_rate"])
+    dataset = RetrievalTrainDataset(ann, train_transform(config), config["deletion_rate"])
     sampler = SeededShardSampler(len(dataset), seed, info.rank, info.world_size)
     if len(sampler) < config["batch_size_train"]:
         raise DataError(f"batch_size_train {config['batch_size_train']} exceeds the {len(sampler)} training "

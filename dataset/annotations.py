@@ -1,6 +1,7 @@
 """Reading and checking X-VLM/PIR retrieval JSON (the "re" format).
 
-Train files hold one entry per caption (``image``, ``caption``, ``image_id``, optional ``label``);
+Train files hold one entry per caption (``image``, ``caption``, ``image_id``, optional ``label`` and
+``length``, the caption weight of FISVL's weighted contrastive loss);
 val/test files hold one entry per image with its list of captions. Every problem stops the load with
 a message naming the file and the entry, unless ``skip_bad_samples`` is set, in which case entries with
 missing or unreadable images are skipped, counted and logged (malformed entries always stop it).
@@ -9,14 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+import numpy as np
 
 from .captions import pre_caption
 from .images import candidate_paths, load_rgb, resolve_image_path
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_CAPTION_WEIGHT: dict[str, Any] = {"rule": "short_low", "avg_ratio": 0.7, "low": 0.95}
 
 
 class DataError(ValueError):
@@ -25,13 +32,18 @@ class DataError(ValueError):
 
 @dataclass
 class TrainAnnotations:
-    """One row per caption; ``image_index`` is contiguous in order of first appearance of ``image_id``."""
+    """One row per caption; ``image_index`` is contiguous in order of first appearance of ``image_id``.
+
+    ``weight_source`` says where ``caption_weights`` came from, for the log (the file or a rule, with its numbers).
+    """
 
     image_paths: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     image_index: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     label_names: dict[str, int] = field(default_factory=dict)
+    caption_weights: list[float] = field(default_factory=list)
+    weight_source: str = ""
     skipped: int = 0
 
 
@@ -81,6 +93,55 @@ def _field(entry: Any, name: str, types: type | tuple[type, ...], where: str) ->
     return value
 
 
+def _present(entry: dict[str, Any], name: str, first: bool | None, where: str) -> bool:
+    """Whether optional field ``name`` is in ``entry``; it must be given for every entry or for none
+    (``first`` is the answer for the first entry, ``None`` while reading it)."""
+    present = name in entry
+    if first is not None and present != first:
+        raise DataError(f"{where}: '{name}' is {'present' if present else 'absent'} here but not in the first "
+                        f"entry; give it for every entry or for none")
+    return present
+
+
+def _weight_field(entry: dict[str, Any], where: str) -> float:
+    value = _field(entry, "length", (int, float), where)
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(f"{where}: field 'length' (the caption weight) must be a positive number, got {value!r}")
+    return float(value)
+
+
+def rule_weights(captions: list[str], caption_weight: dict[str, Any] | None = None) -> tuple[list[float], str]:
+    """Caption weights from word counts, for train JSONs without FISVL's unpublished ``length`` field.
+
+    fisvl-method.md §11 Q1: ``short_low`` gives ``low`` to captions shorter than ``avg_ratio`` x the mean
+    word count of the loaded split, 1 to the rest; ``clip`` gives clip(words / mean, low, 1); ``none`` 1.
+    Returns the weights and a line for the log.
+    """
+    spec = {**DEFAULT_CAPTION_WEIGHT, **(caption_weight or {})}
+    rule, low = spec["rule"], float(spec["low"])
+    if not low > 0:
+        raise ValueError(f"caption_weight.low must be positive, got {low}")
+    # pre_caption leaves single spaces between words
+    words = np.fromiter((caption.count(" ") + 1 for caption in captions), dtype=np.float64, count=len(captions))
+    mean, count = words.mean(), len(words)
+    if rule == "short_low":
+        threshold = spec["avg_ratio"] * mean
+        short = words < threshold
+        weights = np.where(short, low, 1.0)
+        source = (f"rule short_low: mean {mean:.2f} words, threshold {threshold:.2f} words, "
+                  f"{100 * short.mean():.1f} % of {count} captions get {low:g}")
+    elif rule == "clip":
+        weights = np.clip(words / mean, low, 1.0)
+        source = (f"rule clip: mean {mean:.2f} words, weight clip(words / mean, {low:g}, 1), "
+                  f"{100 * (weights < 1).mean():.1f} % of {count} captions below 1")
+    elif rule == "none":
+        weights = np.ones(count)
+        source = f"rule none: all {count} captions weigh 1"
+    else:
+        raise ValueError(f"caption_weight.rule must be short_low, clip or none, got {rule!r}")
+    return weights.tolist(), source
+
+
 def _clean(caption: str, max_words: int, where: str) -> str:
     try:
         return pre_caption(caption, max_words)
@@ -107,25 +168,27 @@ def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:
     log.warning("skipping %s: %s", where, problem)
 
 
-def load_train_annotations(files: Iterable[str], image_root: str, max_words: int,
-                           skip_bad: bool = False) -> TrainAnnotations:
-    """Read and check train JSON files (concatenated in order)."""
+def load_train_annotations(files: Iterable[str], image_root: str, max_words: int, skip_bad: bool = False,
+                           caption_weight: dict[str, Any] | None = None) -> TrainAnnotations:
+    """Read and check train JSON files (concatenated in order).
+
+    Caption weights come from the entries' ``length`` field when they have one, else from
+    :func:`rule_weights` with ``caption_weight`` (``None``: :data:`DEFAULT_CAPTION_WEIGHT`).
+    """
+    files = list(files)
     out = TrainAnnotations()
     index_of_image: dict[Any, int] = {}
     path_cache: dict[str, tuple[str | None, str | None]] = {}
     has_label: bool | None = None
+    has_length: bool | None = None
     for file in files:
         for i, entry in enumerate(read_json_list(file)):
             where = f"{file}, entry {i}"
             image = _field(entry, "image", str, where)
             caption = _clean(_field(entry, "caption", str, where), max_words, where)
             image_id = _field(entry, "image_id", (int, str), where)
-            entry_has_label = "label" in entry
-            if has_label is None:
-                has_label = entry_has_label
-            if entry_has_label != has_label:
-                raise DataError(f"{where}: 'label' is {'present' if entry_has_label else 'absent'} here but not in "
-                                f"the first entry; give it for every entry or for none")
+            has_label = _present(entry, "label", has_label, where)
+            has_length = _present(entry, "length", has_length, where)
             if image not in path_cache:
                 path_cache[image] = _image_problem(image_root, image, check_decode=skip_bad)
             path, problem = path_cache[image]
@@ -141,8 +204,16 @@ def load_train_annotations(files: Iterable[str], image_root: str, max_words: int
             out.captions.append(caption)
             out.image_index.append(index_of_image.setdefault(image_id, len(index_of_image)))
             out.labels.append(label)
+            if has_length:
+                out.caption_weights.append(_weight_field(entry, where))
     if not out.captions:
-        raise DataError(f"no usable training entries in {list(files)}")
+        raise DataError(f"no usable training entries in {files}")
+    if has_length:
+        weights = np.asarray(out.caption_weights)
+        out.weight_source = (f"field 'length' (mean {weights.mean():.4g}, min {weights.min():.4g}, "
+                             f"max {weights.max():.4g})")
+    else:
+        out.caption_weights, out.weight_source = rule_weights(out.captions, caption_weight)
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import DataError, EvalAnnotations, TrainAnnotations
+from .captions import delete_words
 from .images import load_rgb
 
 
@@ -36,11 +37,18 @@ def _load(path: str, where: str):
 
 
 class RetrievalTrainDataset(Dataset):
-    """Items are ``(index, sample_seed)`` keys from :class:`SeededShardSampler`, or plain indices."""
+    """Items are ``(index, sample_seed)`` keys from :class:`SeededShardSampler`, or plain indices.
 
-    def __init__(self, annotations: TrainAnnotations, transform: Callable) -> None:
+    The image augmentation and the caption's random word deletion both draw from generators seeded by
+    the sample seed, so an item is a pure function of its key.
+    """
+
+    def __init__(self, annotations: TrainAnnotations, transform: Callable, deletion_rate: float = 0.0) -> None:
+        if not 0.0 <= deletion_rate <= 1.0:
+            raise ValueError(f"deletion_rate must be in [0, 1], got {deletion_rate}")
         self.ann = annotations
         self.transform = transform
+        self.deletion_rate = deletion_rate
 
     def __len__(self) -> int:
         return len(self.ann.captions)
@@ -50,12 +58,13 @@ class RetrievalTrainDataset(Dataset):
         image = _load(self.ann.image_paths[index], f"train caption {index}")
         with seeded_rng(seed):
             pixels = self.transform(image)
-        return {"image": pixels, "caption": self.ann.captions[index],
-                "image_idx": self.ann.image_index[index], "label": self.ann.labels[index]}
+            caption = delete_words(self.ann.captions[index], self.deletion_rate)  # after the image: same crops
+        return {"image": pixels, "caption": caption, "image_idx": self.ann.image_index[index],
+                "label": self.ann.labels[index], "caption_weight": self.ann.caption_weights[index]}
 
 
 class TrainCollator:
-    """Stacks images and tokenises the batch's captions, padded to the longest."""
+    """Stacks images and tokenises the batch's captions, padded to the longest; caption weights as float32."""
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
         self.tokenizer = tokenizer
@@ -67,7 +76,8 @@ class TrainCollator:
         return {"images": torch.stack([item["image"] for item in items]),
                 "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                 "image_idx": torch.tensor([item["image_idx"] for item in items]),
-                "label": torch.tensor([item["label"] for item in items])}
+                "label": torch.tensor([item["label"] for item in items]),
+                "caption_weight": torch.tensor([item["caption_weight"] for item in items], dtype=torch.float32)}
 
 
 class EvalImageDataset(Dataset):

@@ -666,7 +666,7 @@ def train_dataset(tmp_path: Path) -> RetrievalTrainDataset:
     file = write_json(tmp_path / "train.json", [train_entry("a_1.png", "first", 1),
                                                 train_entry("b_1.tif", "second", 2)])
     ann = load_train_annotations([file], str(tmp_path), 30)
-    return RetrievalTrainDataset(ann, transforms.train_transform({"image_res": 32}))
+    return RetrievalTrainDataset(ann, transforms.train_transform({"dataset_kind": "re", "image_res": 32}))
 
 
 def test_augmentation_depends_only_on_the_key(train_dataset: RetrievalTrainDataset) -> None:
@@ -708,7 +708,7 @@ def test_corrupt_image_fails_in_the_datasets_with_its_path(tmp_path: Path) -> No
     broken = write_truncated(tmp_path / "b_1.jpg")
     file = write_json(tmp_path / "train.json", [train_entry("a_1.png", "fine", 1), train_entry("b_1.jpg", "bad", 2)])
     ann = load_train_annotations([file], str(tmp_path), 30)  # decoding is only checked when skipping
-    dataset = RetrievalTrainDataset(ann, transforms.train_transform({"image_res": 16}))
+    dataset = RetrievalTrainDataset(ann, transforms.train_transform({"dataset_kind": "re", "image_res": 16}))
     assert dataset[0]["image"].shape == (3, 16, 16)
     with pytest.raises(DataError, match="train caption 1") as err:
         dataset[(1, 0)]
@@ -725,10 +725,10 @@ def test_corrupt_image_fails_in_the_datasets_with_its_path(tmp_path: Path) -> No
 
 def test_collator_stacks_and_pads(tmp_path: Path) -> None:
     tokenizer = build_tokenizer_for(tmp_path / "bert", ["a", "red", "roof", "green", "field", "near", "river"])
-    items = [{"image": torch.full((3, 4, 4), float(k)), "caption": c, "image_idx": k, "label": 10 + k}
-             for k, c in enumerate(["a red roof", "a green field near a river", "red"])]
+    items = [{"image": torch.full((3, 4, 4), float(k)), "caption": c, "image_idx": k, "label": 10 + k,
+              "caption_weight": 1.0} for k, c in enumerate(["a red roof", "a green field near a river", "red"])]
     batch = TrainCollator(tokenizer, max_tokens=5)(items)
-    assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label"}
+    assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label", "caption_weight"}
     assert batch["images"].shape == (3, 3, 4, 4) and torch.equal(batch["images"][2], items[2]["image"])
     assert batch["input_ids"].shape == (3, 5)  # the longest caption is cut to max_tokens
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -755,7 +755,7 @@ def test_train_loader_end_to_end(tiny_config_path: Path) -> None:
     seen = 0
     labels: set[int] = set()
     for batch in loader:
-        assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label"}
+        assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label", "caption_weight"}
         assert batch["images"].shape == (batch_size, 3, 32, 32)
         assert batch["input_ids"].shape == batch["attention_mask"].shape
         assert batch["input_ids"].shape[0] == batch_size and batch["input_ids"].dtype == torch.long

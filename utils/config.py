@@ -67,6 +67,14 @@ _SCHEDULER: Section = {
     "num_warmup_steps": Key((int, float), 0.1, "warm-up length: a fraction (< 1) of all steps, or a step count"),
 }
 
+_CAPTION_WEIGHT: Section = {
+    "rule": Key((str,), "short_low", "weight of a caption when the train JSON has no `length` field: short_low = "
+                "`low` for captions shorter than avg_ratio x the mean word count, else 1; clip = "
+                "clip(words / mean, low, 1); none = 1", choices=("short_low", "clip", "none")),
+    "avg_ratio": Key((float,), 0.7, "short_low: fraction of the training split's mean word count"),
+    "low": Key((float,), 0.95, "weight of short captions (short_low) or the lower clip bound (clip)"),
+}
+
 SCHEMA: Section = {
     # --- data
     "train_file": Key((list,), doc="train JSON file(s), one entry per caption; concatenated", is_path=True),
@@ -74,7 +82,12 @@ SCHEMA: Section = {
     "test_file": Key((str,), doc="test JSON, one entry per image with its captions", is_path=True),
     "image_root": Key((str,), doc="folder joined to each entry's `image`", is_path=True),
     "synthetic_data": Key((dict,), None, "if set, generate the procedural demo dataset first (see its keys)"),
-    "dataset_kind": Key((str,), "re", "train augmentation pipeline", choices=("re",)),
+    "dataset_kind": Key((str,), "re", "train augmentation pipeline: re = crop + flip (X-VLM); re_rsitmd adds "
+                        "RandAugment; re_rsicd/re_ucm/re_sydney add blur, RandAugment, erasing and GridMask",
+                        choices=("re", "re_rsitmd", "re_rsicd", "re_ucm", "re_sydney")),
+    "deletion_rate": Key((float,), 0.0, "train only: probability of deleting each caption word (FISVL)"),
+    "caption_weight": Key((dict,), {},
+                          "caption weights of the weighted contrastive loss, when the train JSON has no `length`"),
     "max_words": Key((int,), 30, "captions are cut to this many words by pre_caption"),
     "max_tokens": Key((int,), 40, "tokenizer max_length"),
     "skip_bad_samples": Key((bool,), False, "skip (count and log) missing/unreadable images instead of stopping"),
@@ -82,7 +95,8 @@ SCHEMA: Section = {
     "pin_memory": Key((bool,), True, "pin host memory for faster GPU copies"),
     "persistent_workers": Key((bool,), True, "keep loader workers alive between epochs"),
     # --- model
-    "model": Key((str,), "swin_bert_cl", "registered model name (models.list_models())"),
+    "model": Key((str,), None, "registered model name (models.list_models()); when absent, fisvl for FISVL's "
+                  "YAMLs (use_scene_loss: true), else swin_bert_cl"),
     "vision_config": Key((str,), doc="vision encoder JSON (arch, sizes, optional ckpt)", is_path=True),
     "text_config": Key((str,), doc="BERT config JSON", is_path=True),
     "text_encoder": Key((str,), doc="local folder with vocab.txt (and BERT weights for pretrained runs)", is_path=True),
@@ -96,10 +110,35 @@ SCHEMA: Section = {
     "text_attention_mask": Key((bool,), True, "pass BERT its attention mask (false reproduces PIR/FISVL)"),
     "is_baseline": Key((bool,), False, "PIR/FISVL switch for the plain Swin+BERT model (alias of model: swin_bert_cl)"),
     "grad_checkpointing": Key((bool,), False, "trade compute for memory in both encoders"),
+    "fgis": Key((bool,), True, "FISVL: fuse CNN global/local tokens with the Swin tokens by graph reasoning"),
+    "conv_arch": Key((str,), "resnet50", "FISVL/PIR prior CNN (torchvision layout)",
+                     choices=("resnet18", "resnet34", "resnet50")),
+    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR); empty = random init, with a warning",
+                       is_path=True),
+    "finetune_conv": Key((bool,), False, "train the prior CNN (FISVL/PIR keep it frozen)"),
+    "conv_bn_train_mode": Key((bool,), True, "frozen CNN's BatchNorm in train mode, so batch statistics are used "
+                              "and running statistics drift (as published); false = eval mode"),
+    "sfgs": Key((str,), "frozen", "FISVL's SFGS token: frozen (as published: random and never trained), "
+                "trainable, or off", choices=("frozen", "trainable", "off")),
+    "img_gcn_step": Key((int,), 2, "FISVL: graph-reasoning steps over the image nodes"),
+    "dropout_r": Key((float,), 0.2, "dropout of the fusion blocks (FISVL/PIR)"),
     # --- loss
     "soft_target_eps": Key((float,), 6e-5, "mass added to every target of the multi-positive contrastive loss"),
     "gather_with_grad": Key((bool,), True, "all-gather features with gradients flowing back to every process"),
     "local_loss": Key((bool,), True, "each process computes its own query rows against the gathered batch"),
+    "stages": Key((list,), None, "value-guided stage schedule: a list of {name, start_epoch, losses: {contr, "
+                  "affil, scene: weight}, caption_weights: bool}; default from the use_* keys"),
+    "stage_patience": Key((int,), 0, "also move to the next stage after this many epochs without a better val "
+                          "r_mean (0 = only at start_epoch)"),
+    "affil_symmetric": Key((bool,), False, "affiliation loss: intended form (text vs image centres) instead of the "
+                           "published transpose"),
+    "affil_center_chunk": Key((int,), 0, "affiliation centres over chunks of this many rows of the global batch "
+                              "(0 = each process's batch, as published)"),
+    "scene_mode": Key((str,), "published", "scene-adaptive loss: published (no positive masking, integer "
+                      "weights) or intended", choices=("published", "intended")),
+    "alpha_m": Key((float,), None, "scene loss: softmax threshold on logits / temp (FISVL)"),
+    "beta1": Key((float,), None, "scene loss: inter-scene weight exp(beta1 * epoch) (FISVL)"),
+    "beta2": Key((float,), None, "scene loss: intra-scene weight exp(beta2 * epoch) (FISVL)"),
     # --- batch sizes
     "batch_size_train": Key((int,), doc="per-process train batch (global = x world size)"),
     "batch_size_test": Key((int,), 64, "image batch when embedding val/test"),
@@ -115,20 +154,21 @@ SCHEMA: Section = {
     "print_freq": Key((int,), 50, "console progress line every N iterations"),
     "legacy_log_footer": Key((bool,), False, "also append X-VLM's `best epoch: N` line to log.txt"),
     "k_test": Key((int,), None, "X-VLM re-rank depth; unused by dual encoders"),
-    # --- PIR/FISVL keys accepted for compatibility; used by the models that define them
-    "resnet_ckpt": Key((str,), None, "frozen prior CNN weights (PIR/FISVL)", is_path=True),
-    "finetune_conv": Key((bool,), None, "train the prior CNN (PIR/FISVL)"),
-    "use_affil_loss": Key((bool,), None, "affiliation loss (PIR/FISVL)"),
-    "use_triplet_loss": Key((bool,), None, "VSE++ triplet loss (PIR)"),
-    "center_factor": Key((float,), None, "affiliation loss weight (PIR/FISVL)"),
+    # --- PIR/FISVL keys accepted for compatibility; `stages` is derived from them when it is absent
+    "use_affil_loss": Key((bool,), None, "add the affiliation loss (PIR/FISVL; derives `stages`)"),
+    "center_factor": Key((float,), None, "affiliation loss weight (PIR/FISVL; derives `stages`)"),
+    "use_scene_loss": Key((bool,), None, "FISVL's two stages: contr + affil + scene, then weighted contr + affil "
+                          "from epoch 10 (derives `stages`)"),
+    "scene_factor": Key((float,), None, "scene loss weight (FISVL; derives `stages`)"),
+    "use_triplet_loss": Key((bool,), None, "VSE++ triplet loss (PIR); not implemented, only false is accepted"),
     "filter_size": Key((int,), None, "VIR top-k tokens (PIR)"),
     "instru_num": Key((int,), None, "Spatial-PAE depth (PIR)"),
     "cycle_num": Key((int,), None, "Temporal-PAE depth (PIR)"),
-    "dropout_r": Key((float,), None, "dropout of the fusion blocks (PIR/FISVL)"),
     "head": Key((int,), None, "attention heads of PAE (PIR)"),
 }
 
-_SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULER, "synthetic_data": _SYNTHETIC_DATA}
+_SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULER, "synthetic_data": _SYNTHETIC_DATA,
+                                  "caption_weight": _CAPTION_WEIGHT}
 _ALIASES = {"scheduler": "schedular"}
 
 
@@ -182,7 +222,8 @@ def _validate(raw: Mapping[str, Any], schema: Section, source: str, prefix: str 
             continue
         if key.required:
             raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({key.doc})")
-        out[name] = key.default
+        section = _SECTIONS.get(prefix + name)
+        out[name] = _validate({}, section, source, f"{prefix}{name}.") if section and key.default == {} else key.default
     return out
 
 
@@ -197,6 +238,24 @@ def _parse_scalar(text: str) -> Any:
     return _yaml().load(text) if text.strip() else ""
 
 
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"command-line override '{item}': '{part}' is not an index of a {len(node)}-item list")
+    return int(part)
+
+
+def _child(node: Any, part: str, item: str) -> Any:
+    """Step into a section (created when absent) or a list item (``stages.1.start_epoch``)."""
+    if isinstance(node, list):
+        return node[_list_index(node, part, item)]
+    child = node.get(part)
+    if child is None:
+        child = node[part] = {}
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"command-line override '{item}': '{part}' is not a section")
+    return child
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides to a raw (unvalidated) config dict, in place."""
     for item in overrides:
@@ -204,16 +263,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             raise ConfigError(f"command-line override '{item}': expected key=value (e.g. optimizer.lr=1e-4)")
         dotted, text = item.split("=", 1)
         parts = [_ALIASES.get(p, p) if i == 0 else p for i, p in enumerate(dotted.strip().split("."))]
-        node = raw
+        node: Any = raw
         for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"command-line override '{item}': '{part}' is not a section")
-            node = child
+            node = _child(node, part, item)
+        last: Any = parts[-1]
+        if isinstance(node, list):
+            last = _list_index(node, last, item)
         try:
-            node[parts[-1]] = _parse_scalar(text)
+            node[last] = _parse_scalar(text)
         except YAMLError as err:
             raise ConfigError(f"command-line override '{item}': cannot parse the value: {err}") from err
     return raw
@@ -225,6 +282,10 @@ def _legacy_aliases(config: dict[str, Any]) -> None:
         config["temp1"] = config["temp"]
     if config["is_baseline"]:
         config["model"] = "swin_bert_cl"
+    if config["model"] is None:
+        config["model"] = "fisvl" if config["use_scene_loss"] else "swin_bert_cl"
+    if config["use_triplet_loss"]:
+        raise ConfigError("use_triplet_loss: true is not supported (PIR's VSE++ triplet variant); set it to false")
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
