@@ -4,6 +4,8 @@ Each training item is one (image, caption) pair; ``image_ids`` says which pairs 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +45,89 @@ def contrastive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_id
     loss_i2t = -(F.log_softmax(logits_i2t, dim=1) * targets).sum(1).mean()
     loss_t2i = -(F.log_softmax(logits_t2i, dim=1) * targets).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def affiliation_centres(features: torch.Tensor, labels: torch.Tensor, eps: float = SOFT_TARGET_EPS,
+                        chunk: int = 0) -> torch.Tensor:
+    """Scene centre of each row: the mean of the rows with its label, plus ``eps`` weight on every other row.
+
+    The published code builds centres from each process's own batch; ``chunk`` > 0 reproduces that on a
+    gathered batch (rows are rank-major, so chunk = per-process batch), 0 uses the whole batch.
+    """
+    n = features.shape[0]
+    weights = (labels[:, None] == labels[None, :]).to(features.dtype) + eps
+    if 0 < chunk < n:
+        block = torch.arange(n, device=features.device) // chunk
+        weights = weights * (block[:, None] == block[None, :]).to(features.dtype)
+    return weights @ features / weights.sum(1, keepdim=True)
+
+
+def affiliation_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, labels: torch.Tensor,
+                     temp: torch.Tensor | float, eps: float = SOFT_TARGET_EPS, chunk: int = 0,
+                     symmetric: bool = False, rows: slice | None = None) -> torch.Tensor:
+    """PIR/FISVL's scene-centre ("affiliation") loss with temperature ``temp`` (tau_2).
+
+    Term 1: each image against all text centres, target its own row's centre. Term 2 as published: each
+    image centre against all texts (a transpose in the original code); ``symmetric`` gives the intended
+    form instead, each text against all image centres.
+    """
+    rows = slice(None) if rows is None else rows
+    text_centres = affiliation_centres(text_feat, labels, eps, chunk)
+    image_centres = affiliation_centres(image_feat, labels, eps, chunk)
+    targets = torch.arange(image_feat.shape[0], device=image_feat.device)[rows]
+    image_to_centres = _at_least_fp32(image_feat[rows] @ text_centres.t() / temp)
+    if symmetric:
+        second = _at_least_fp32(text_feat[rows] @ image_centres.t() / temp)
+    else:
+        second = _at_least_fp32(image_centres[rows] @ text_feat.t() / temp)
+    return (F.cross_entropy(image_to_centres, targets) + F.cross_entropy(second, targets)) / 2
+
+
+def thresholded_softmax(logits: torch.Tensor, threshold: float, eps: float = SOFT_TARGET_EPS) -> torch.Tensor:
+    """FISVL's softmax: logits below ``threshold`` are set to 0 (not -inf) and get no gradient, and ``eps``
+    is added to the denominator. Computed shifted by the row maximum, which is exact and cannot overflow."""
+    kept = torch.where(logits >= threshold, logits, torch.zeros_like(logits))
+    shift = kept.detach().amax(1, keepdim=True)
+    numerators = torch.exp(kept - shift)
+    return numerators / (numerators.sum(1, keepdim=True) + eps * torch.exp(-shift))
+
+
+def scene_weights(epoch: int, beta1: float, beta2: float, integer: bool) -> tuple[float, float]:
+    """(intra-scene, inter-scene) weights exp(beta2 * e) and exp(beta1 * e); the published code truncates
+    them to integers (so 1 and 1 at epoch 0, then 1 and 0 while exp(beta2 * e) < 2)."""
+    intra, inter = math.exp(beta2 * epoch), math.exp(beta1 * epoch)
+    return (float(int(intra)), float(int(inter))) if integer else (intra, inter)
+
+
+def scene_adaptive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor,
+                        labels: torch.Tensor, temp: torch.Tensor | float, epoch: int, alpha_m: float,
+                        beta1: float, beta2: float, mode: str = "published", eps: float = SOFT_TARGET_EPS,
+                        rows: slice | None = None) -> torch.Tensor:
+    """FISVL's scene-adaptive fine-grained perceptual loss (fisvl-method.md §3.4).
+
+    For each image b its top-ranked text h_T(b) (and for each text its top image h_I(b)) is the "hard
+    negative"; every anchor a of the same modality gets a thresholded softmax over those items, and the
+    loss is the probability mass on items weighted by scene: intra-scene exp(beta2 * e), inter-scene
+    exp(beta1 * e). ``mode="published"`` keeps the official code's behaviour (positives are not masked when
+    choosing h, weights truncated to integers: the loss is about 1.0 at epoch 0); ``"intended"`` masks
+    same-image positives and keeps float weights.
+    """
+    if mode not in ("published", "intended"):
+        raise ValueError(f"scene loss mode must be 'published' or 'intended', got {mode!r}")
+    rows = slice(None) if rows is None else rows
+    with torch.no_grad():
+        similarity = image_feat @ text_feat.t()
+        if mode == "intended":
+            similarity = similarity.masked_fill(image_ids[:, None] == image_ids[None, :], float("-inf"))
+        top_text = similarity.argmax(1)  # h_T(b): the top text of image b
+        top_image = similarity.argmax(0)  # h_I(b): the top image of text b
+    intra, inter = scene_weights(epoch, beta1, beta2, integer=mode == "published")
+    anchor_labels = labels[rows, None]
+    total = 0.0
+    for feat, hard in ((text_feat, top_text), (image_feat, top_image)):
+        logits = _at_least_fp32(feat[rows] @ feat[hard].t() / temp)
+        probs = thresholded_softmax(logits, alpha_m, eps)
+        same_scene = anchor_labels == labels[hard][None, :]
+        weights = torch.where(same_scene, probs.new_tensor(intra), probs.new_tensor(inter))
+        total = total + (probs * weights).sum(1).mean()
+    return total / 2
