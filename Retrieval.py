@@ -30,7 +30,7 @@ from models import build_model
 from models.objective import build_objective
 from models.task import RetrievalTask
 from optim import create_optimizer
-from scheduler import create_scheduler
+from scheduler import StageSchedule, create_scheduler, parse_stages
 from utils.cli import add_run_arguments
 from utils.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state,
                               write_text_atomic)
@@ -207,6 +207,7 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler = create_scheduler(config["schedular"], optimizer, len(train_loader))
     scaler = grad_scaler(config["precision"], device)
+    stages = StageSchedule(parse_stages(config), config["stage_patience"], config["schedular"]["epochs"])
     state = TrainState()
     if args.resume:
         path = resume_path(args.resume, output_dir)
@@ -215,6 +216,7 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        stages.load_state_dict(saved["stage_schedule"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"][info.rank])
         log.info("resumed from %s at epoch %d", path, state.epoch)
@@ -223,17 +225,26 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
             write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
     wrapped: nn.Module = task
     if info.distributed:
-        wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=stages.varies())
     splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device) for s in ("val", "test")}
     board = TensorBoard(output_dir / "tensorboard" if info.is_main else None, purge_step=state.epoch)
     epochs = config["schedular"]["epochs"]
     log.info("training %d epochs x %d steps, global batch %d, on %s x %d", epochs, len(train_loader),
              config["batch_size_train"] * info.world_size, device, info.world_size)
+    previous_stage = None
     for epoch in range(state.epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
+        stage = stages.stage_for_epoch(epoch)
+        if stage is not previous_stage:
+            log.info("epoch %d: %s", epoch, stage.describe())
+            previous_stage = stage
+        task.objective.set_stage(stage)
         record: dict[str, Any] = train_one_epoch(wrapped, train_loader, optimizer, scheduler, scaler, epoch, config,
                                                  device)
+        record.update(stage=stages.index, stage_name=stage.name)
         evaluated = {"val": evaluate_split(model, splits["val"], tokenizer, config, device)}
+        stages.observe(epoch, evaluated["val"]["r_mean"])
         if config["eval_test_every_epoch"] or config["select_on"] == "test":
             evaluated["test"] = evaluate_split(model, splits["test"], tokenizer, config, device)
         metric = evaluated[config["select_on"]]["r_mean"]
@@ -254,11 +265,12 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
                             output_dir / "checkpoint_best.pth")
             last = model_state(model, config, epoch, metric, config["select_on"])
             last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), train_state=vars(state), rng=rngs)
+                        scaler=scaler.state_dict(), stage_schedule=stages.state_dict(), train_state=vars(state),
+                        rng=rngs)
             save_atomic(last, output_dir / "checkpoint_last.pth")
             footer = summary_lines(state, config) if state.epoch == epochs else []
             write_log(output_dir, state.history, footer)
-            board.scalars({k: float(v) for k, v in record.items() if k != "epoch"}, epoch)
+            board.scalars({k: float(v) for k, v in record.items() if k not in ("epoch", "stage_name")}, epoch)
             log.info("epoch %d: val r_mean %.2f%s (best %.2f at epoch %d)", epoch, evaluated["val"]["r_mean"],
                      f", test r_mean {evaluated['test']['r_mean']:.2f}" if "test" in evaluated else "",
                      state.best_metric, state.best_epoch)
@@ -285,6 +297,7 @@ def check_vocabulary(tokenizer: Any, model: nn.Module, config: dict[str, Any]) -
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = load_config(args.config, [*args.opts, *args.overrides])
+    parse_stages(config, args.config)  # a bad stage list fails before any data or model is built
     info = dist_utils.world_info_from_env()
     device = resolve_device(args.device, info)
     info = dist_utils.init_distributed(device.type, args.dist_url)

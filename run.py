@@ -22,6 +22,7 @@ from utils.cli import add_run_arguments
 
 TASKS = {
     "demo": "configs/demo.yaml",
+    "demo_baseline": "configs/demo_baseline.yaml",
     "itr_rsitmd": "configs/Retrieval_rsitmd.yaml",
     "itr_rsicd": "configs/Retrieval_rsicd.yaml",
 }

@@ -1,11 +1,19 @@
-"""Learning-rate schedule: linear warm-up, then linear or cosine decay to zero, stepped every iteration."""
+"""Schedules: the learning rate (linear warm-up, then linear or cosine decay, stepped every iteration) and
+the value-guided stage schedule (which loss terms are on in which epochs)."""
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from utils.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def warmup_steps(num_warmup_steps: int | float, total_steps: int) -> int:
@@ -33,3 +41,142 @@ def create_scheduler(sched_config: dict[str, Any], optimizer: torch.optim.Optimi
         raise ValueError(f"schedular.num_warmup_steps = {warmup} exceeds the {total} training steps")
     sched = sched_config["sched"]
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, sched))
+
+
+# --- The value-guided stage schedule (FISVL's VGLF): which losses, with which weights, in which epochs.
+
+LOSS_TERMS = ("contr", "affil", "scene")
+_STAGE_KEYS = ("name", "start_epoch", "losses", "caption_weights")
+_LEGACY_LOSS_KEYS = ("use_affil_loss", "center_factor", "use_scene_loss", "scene_factor")
+PUBLISHED_STAGE2_START = 10  # FISVL hard-codes the switch at epoch 10 of 20
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A span of epochs from ``start_epoch`` with its loss terms and weights.
+
+    ``caption_weights`` turns ``contr`` into the weighted contrastive loss (each caption's logits scaled
+    by its weight).
+    """
+
+    name: str
+    start_epoch: int
+    losses: dict[str, float]
+    caption_weights: bool = False
+
+    def describe(self) -> str:
+        terms = [f"{'weighted ' if name == 'contr' and self.caption_weights else ''}{name} x {weight:g}"
+                 for name, weight in self.losses.items()]
+        return f"stage '{self.name}' from epoch {self.start_epoch}: " + " + ".join(terms)
+
+
+def legacy_stages(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages PIR/FISVL YAMLs imply: contrastive (+ affiliation); with ``use_scene_loss`` FISVL's two
+    stages, contr + affil + scene and then weighted contr + affil from epoch 10."""
+    losses = {"contr": 1.0}
+    if config["use_affil_loss"]:
+        losses["affil"] = 1.0 if config["center_factor"] is None else config["center_factor"]
+    if not config["use_scene_loss"]:
+        return [{"name": "main", "start_epoch": 0, "losses": losses}]
+    scene = 1.0 if config["scene_factor"] is None else config["scene_factor"]
+    return [{"name": "con_aff_scene", "start_epoch": 0, "losses": {**losses, "scene": scene}},
+            {"name": "wcon_aff", "start_epoch": PUBLISHED_STAGE2_START, "losses": losses, "caption_weights": True}]
+
+
+def _parse_stage(raw: Any, index: int, source: str) -> Stage:
+    where = f"{source}: stages[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {list(_STAGE_KEYS)}, got {raw!r}")
+    for key in raw:
+        if key not in _STAGE_KEYS:
+            hint = difflib.get_close_matches(str(key), _STAGE_KEYS, n=1)
+            raise ConfigError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    start, losses = raw.get("start_epoch"), raw.get("losses")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ConfigError(f"{where}.start_epoch: expected an epoch number >= 0, got {start!r}")
+    if not isinstance(losses, dict) or not losses:
+        raise ConfigError(f"{where}.losses: expected a mapping of loss terms {list(LOSS_TERMS)} to weights")
+    for name, weight in losses.items():
+        if name not in LOSS_TERMS:
+            hint = difflib.get_close_matches(str(name), LOSS_TERMS, n=1)
+            raise ConfigError(f"{where}.losses: unknown loss '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                              + f"; known: {list(LOSS_TERMS)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"{where}.losses.{name}: expected a weight >= 0, got {weight!r}")
+    caption_weights = raw.get("caption_weights", False)
+    if not isinstance(caption_weights, bool):
+        raise ConfigError(f"{where}.caption_weights: expected true or false, got {caption_weights!r}")
+    return Stage(str(raw.get("name", f"stage{index}")), start, {k: float(v) for k, v in losses.items()},
+                 caption_weights)
+
+
+def parse_stages(config: dict[str, Any], source: str = "config") -> list[Stage]:
+    """Check ``config['stages']`` (or derive it from the legacy ``use_*`` keys) against the run's settings."""
+    raw = config["stages"]
+    if raw is None:
+        raw = legacy_stages(config)
+    else:
+        given = [key for key in _LEGACY_LOSS_KEYS if config[key] is not None]
+        if given:
+            raise ConfigError(f"{source}: `stages` and the legacy keys {given} both choose the losses; keep one")
+    stages = [_parse_stage(item, i, source) for i, item in enumerate(raw)]
+    if not stages or stages[0].start_epoch != 0:
+        raise ConfigError(f"{source}: stages must start with a stage at start_epoch 0")
+    for before, after in zip(stages, stages[1:]):
+        if after.start_epoch <= before.start_epoch:
+            raise ConfigError(f"{source}: stage '{after.name}' starts at epoch {after.start_epoch}, not after "
+                              f"stage '{before.name}' (epoch {before.start_epoch})")
+    if any("scene" in s.losses for s in stages):
+        missing = [key for key in ("alpha_m", "beta1", "beta2") if config[key] is None]
+        if missing:
+            raise ConfigError(f"{source}: the scene loss needs {missing}")
+    return stages
+
+
+def loss_terms(config: dict[str, Any]) -> set[str]:
+    """Every loss term some stage uses (each is computed and logged in every epoch)."""
+    return {name for stage in parse_stages(config) for name in stage.losses}
+
+
+class StageSchedule:
+    """Walks the stages: a stage starts at its ``start_epoch`` or, with ``patience`` > 0, once val
+    ``r_mean`` has not improved for ``patience`` epochs within the current stage."""
+
+    def __init__(self, stages: list[Stage], patience: int = 0, epochs: int | None = None) -> None:
+        self.stages, self.patience = stages, patience
+        never = [s.name for s in stages if epochs is not None and s.start_epoch >= epochs]
+        if never and not patience:
+            log.warning("stages %s start after the last of the %d epochs and will not run", never, epochs)
+        self.index = 0
+        self.best, self.best_epoch = -math.inf, -1
+
+    @property
+    def current(self) -> Stage:
+        return self.stages[self.index]
+
+    def stage_for_epoch(self, epoch: int) -> Stage:
+        while self.index + 1 < len(self.stages) and self.stages[self.index + 1].start_epoch <= epoch:
+            self._advance(epoch)
+        return self.current
+
+    def observe(self, epoch: int, metric: float) -> None:
+        """Record the epoch's val metric; move on early when the current stage has plateaued."""
+        if metric > self.best:
+            self.best, self.best_epoch = metric, epoch
+        elif self.patience and epoch - self.best_epoch >= self.patience and self.index + 1 < len(self.stages):
+            self._advance(epoch + 1)
+
+    def _advance(self, epoch: int) -> None:
+        self.index += 1
+        self.best, self.best_epoch = -math.inf, epoch - 1
+
+    def varies(self) -> bool:
+        """True when some loss term is off in some stage (DDP must then allow unused parameters)."""
+        terms = {name for stage in self.stages for name in stage.losses}
+        return any(set(stage.losses) != terms for stage in self.stages)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index, self.best, self.best_epoch = state["index"], state["best"], state["best_epoch"]

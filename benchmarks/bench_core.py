@@ -68,7 +68,7 @@ def bench_ranking(device: torch.device) -> None:
 
 
 def bench_train_step(device: torch.device, steps: int) -> None:
-    config = load_config(ROOT / "configs" / "demo.yaml", ["print_freq=1000000"])
+    config = load_config(ROOT / "configs" / "demo_baseline.yaml", ["print_freq=1000000"])
     batch_size, res = config["batch_size_train"], config["image_res"]
     gen = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(batch_size, 3, res, res, generator=gen),

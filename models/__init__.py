@@ -6,7 +6,7 @@ from typing import Any
 from torch import nn
 
 from ._registry import get_model_builder, list_models, register_model
-from . import dual_encoder  # noqa: F401  (registers its models)
+from . import dual_encoder, fisvl  # noqa: F401  (register their models)
 
 __all__ = ["build_model", "list_models", "register_model"]
 

@@ -2,7 +2,7 @@
 
 Image embedding = L2norm(vision_proj(pooled token)); text embedding = L2norm(text_proj([CLS])).
 State-dict keys follow PIR's baseline: ``vision_encoder.*``, ``text_encoder.*``, ``vision_proj.*``,
-``text_proj.*``, ``temp``.
+``text_proj.*``, ``temp`` (and ``temp2`` when a stage uses the affiliation loss).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scheduler import loss_terms
 
 from ._registry import register_model
 from .encoders import BertTextEncoder, build_vision_encoder, read_vision_config
@@ -38,6 +40,8 @@ class DualEncoder(nn.Module):
         self.vision_proj = nn.Linear(self.vision_encoder.width, config["embed_dim"])
         self.text_proj = nn.Linear(self.text_encoder.width, config["embed_dim"])
         self.temp = nn.Parameter(torch.tensor(float(config["temp1"])))
+        if "affil" in loss_terms(config):
+            self.temp2 = nn.Parameter(torch.tensor(float(config["temp2"])))
         self.use_attention_mask = config["text_attention_mask"]
         if config["grad_checkpointing"]:
             self.vision_encoder.set_grad_checkpointing(True)
@@ -54,8 +58,11 @@ class DualEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"image_feat": self.encode_image(images), "text_feat": self.encode_text(input_ids, attention_mask),
-                "temp": self.temp}
+        features = {"image_feat": self.encode_image(images), "text_feat": self.encode_text(input_ids, attention_mask),
+                    "temp": self.temp}
+        if hasattr(self, "temp2"):
+            features["temp2"] = self.temp2
+        return features
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the encoders exempt from weight decay (position embeddings, class tokens)."""

@@ -63,3 +63,25 @@ print_freq: 5
     path = folder / "tiny.yaml"
     path.write_text(yaml, encoding="utf-8")
     return path
+
+
+FISVL_KEYS = """\
+model: fisvl
+conv_arch: resnet18
+dataset_kind: re_rsitmd
+deletion_rate: 0.03
+stages:
+  - {name: con_aff_scene, start_epoch: 0, losses: {contr: 1, affil: 1, scene: 1}}
+  - {name: wcon_aff, start_epoch: 2, losses: {contr: 1, affil: 1}, caption_weights: true}
+alpha_m: 2
+beta1: -0.0015
+beta2: 0.02
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_fisvl_config_path(tiny_config_path: Path) -> Path:
+    """The tiny config as FISVL: ResNet-18 prior, SFGS, 2 graph steps, the two stages switching at epoch 2."""
+    path = tiny_config_path.with_name("tiny_fisvl.yaml")
+    path.write_text(tiny_config_path.read_text(encoding="utf-8") + FISVL_KEYS, encoding="utf-8")
+    return path

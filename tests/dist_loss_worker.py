@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py: one training step of a small two-tower model on a fixed global batch.
+"""Run by tests/test_distributed.py: one training step of a small two-tower model on a fixed global batch,
+with FISVL's loss terms (contrastive, affiliation, scene-adaptive; weighted contrastive in stage 2).
 
 Under torchrun every process takes its contiguous share of the batch and the model is wrapped in DDP;
 run plainly it is the single-process reference. Rank 0 saves the logged loss and the gradients.
@@ -15,11 +16,25 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils.distributed as dist_utils  # noqa: E402
-from models.objective import ContrastiveObjective  # noqa: E402
+from models.objective import RetrievalObjective  # noqa: E402
 from models.task import RetrievalTask  # noqa: E402
+from scheduler import Stage  # noqa: E402
 
 GLOBAL_BATCH = 8
 IMAGE_IDS = [0, 0, 1, 2, 2, 3, 3, 3]  # positives cross the rank boundary (ids 2 and 3 sit on both halves)
+LABELS = [0, 0, 1, 0, 0, 1, 1, 1]  # scenes, also across the boundary
+CAPTION_WEIGHTS = [1.0, 0.95, 1.0, 1.0, 0.95, 1.0, 0.95, 1.0]
+LOSS_CONFIG = {"soft_target_eps": 6e-5, "affil_symmetric": False, "scene_mode": "published", "alpha_m": 2.0,
+               "beta1": -0.0015, "beta2": 0.02}
+# (terms, stage, local_loss, gather_with_grad); the 1-process run builds affiliation centres per 4 rows,
+# which is what each of 2 processes does with its own batch of 4 (affil_center_chunk 0).
+CASES = {
+    "stage1 local": ({"contr", "affil", "scene"}, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), True, True),
+    "stage1 gathered": ({"contr", "affil", "scene"}, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}),
+                        False, True),
+    "stage2 weighted": ({"contr", "affil", "scene"}, Stage("s2", 10, {"contr": 1.0, "affil": 1.0}, True), True, True),
+    "xvlm gather": ({"contr"}, Stage("c", 0, {"contr": 1.0}), False, False),
+}
 
 
 class TwoTowers(nn.Module):
@@ -31,33 +46,38 @@ class TwoTowers(nn.Module):
         self.image = nn.Linear(12, 6)
         self.text = nn.Linear(10, 6)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        self.temp2 = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         return {"image_feat": F.normalize(self.image(images), dim=-1),
-                "text_feat": F.normalize(self.text(input_ids), dim=-1), "temp": self.temp}
+                "text_feat": F.normalize(self.text(input_ids), dim=-1), "temp": self.temp, "temp2": self.temp2}
 
 
-def one_step(local_loss: bool, gather_with_grad: bool) -> dict[str, torch.Tensor]:
+def one_step(terms: set[str], stage: Stage, local_loss: bool, gather_with_grad: bool) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     batch = {"images": torch.randn(GLOBAL_BATCH, 12, generator=gen),
              "input_ids": torch.randn(GLOBAL_BATCH, 10, generator=gen),
-             "attention_mask": torch.ones(GLOBAL_BATCH, 1), "image_idx": torch.tensor(IMAGE_IDS)}
+             "attention_mask": torch.ones(GLOBAL_BATCH, 1), "image_idx": torch.tensor(IMAGE_IDS),
+             "label": torch.tensor(LABELS), "caption_weight": torch.tensor(CAPTION_WEIGHTS)}
     mine = dist_utils.shard_range(GLOBAL_BATCH)
     batch = {k: v[mine.start:mine.stop] for k, v in batch.items()}
-    task: nn.Module = RetrievalTask(TwoTowers(), ContrastiveObjective(6e-5, gather_with_grad, local_loss))
+    chunk = 0 if dist_utils.is_initialized() else GLOBAL_BATCH // 2
+    objective = RetrievalObjective(terms, {**LOSS_CONFIG, "local_loss": local_loss, "gather_with_grad": gather_with_grad,
+                                           "affil_center_chunk": chunk})
+    objective.set_stage(stage)
+    task: nn.Module = RetrievalTask(TwoTowers(), objective)
     if dist_utils.is_initialized():
-        task = nn.parallel.DistributedDataParallel(task)
-    losses = task(batch, epoch=0)
+        task = nn.parallel.DistributedDataParallel(task, find_unused_parameters="affil" not in stage.losses)
+    losses = task(batch, epoch=3)
     losses["loss"].backward()
-    out = {"loss": dist_utils.all_reduce_mean(losses["loss"]).detach()}
-    out.update({name: p.grad.detach().clone() for name, p in task.named_parameters()})
+    out = {name: dist_utils.all_reduce_mean(value).detach() for name, value in losses.items()}
+    out.update({name: p.grad.detach().clone() for name, p in task.named_parameters() if p.grad is not None})
     return {k.removeprefix("module."): v for k, v in out.items()}
 
 
 def main(output: str) -> None:
     dist_utils.init_distributed("cpu")
-    results = {f"local={local}, gather_with_grad={with_grad}": one_step(local, with_grad)
-               for local, with_grad in ((True, True), (False, True), (False, False))}
+    results = {name: one_step(*case) for name, case in CASES.items()}
     if dist_utils.get_rank() == 0:
         torch.save(results, output)
     dist_utils.cleanup()

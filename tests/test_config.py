@@ -30,8 +30,45 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_pir_config_loads_as_is() -> None:
-    config = load_config(ROOT / "configs" / "Retrieval_rsitmd.yaml")
+# PIR's configs/Retrieval_rsitmd.yaml, every key as it ships (compatibility.md §3.1).
+PIR_YAML = """\
+train_file: ['data/finetune/rsitmd_train.json']
+val_file: 'data/finetune/rsitmd_val.json'
+test_file: 'data/finetune/rsitmd_test.json'
+image_root: '../X-VLM-pytorch/images/rsitmd/'
+vision_config: 'configs/config_swinT_224.json'
+resnet_ckpt: 'data/aid_28-rsp-resnet-50-ckpt.pth'
+finetune_conv: False
+use_swin: True
+image_res: 224
+patch_size: 32
+text_config: 'configs/config_bert.json'
+text_encoder: 'data/bert-base-uncased'
+batch_size_train: 128
+batch_size_test: 128
+batch_size_test_text: 128
+max_tokens: 47
+embed_dim: 512
+temp1: 0.07
+temp2: 0.07
+k_test: 512
+is_baseline: False
+optimizer: {opt: adamW, lr: 6e-5, weight_decay: 0.01, lr_mult: 2}
+schedular: {sched: linear, lr: 6e-5, epochs: 50, num_warmup_steps: 0.1}
+use_affil_loss: True
+use_triplet_loss: False
+center_factor: 1
+# indistinct_margin: 0.01
+filter_size: 40
+instru_num: 2
+cycle_num: 3
+dropout_r: 0.2
+head: 8
+"""
+
+
+def test_pir_config_loads_as_is(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, PIR_YAML))
     assert config["optimizer"]["lr"] == pytest.approx(6e-5) and isinstance(config["optimizer"]["lr"], float)
     assert config["schedular"]["epochs"] == 50
     assert config["train_file"] == ["data/finetune/rsitmd_train.json"]

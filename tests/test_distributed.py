@@ -1,4 +1,4 @@
-"""2 gloo processes under torchrun give the same loss and gradients as 1 process on the same global batch."""
+"""2 gloo processes under torchrun give the same losses and gradients as 1 process on the same global batch."""
 from __future__ import annotations
 
 import os
@@ -28,10 +28,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     return run_worker(folder / "one.pt", 1), run_worker(folder / "two.pt", 2)
 
 
-@pytest.mark.parametrize("mode", ["local=True, gather_with_grad=True", "local=False, gather_with_grad=True"])
+@pytest.mark.parametrize("mode", ["stage1 local", "stage1 gathered", "stage2 weighted"])
 def test_two_processes_equal_one(results: tuple[dict, dict], mode: str) -> None:
+    """Every loss term (contr, affil with per-process centres, scene) and every gradient match."""
     one, two = results[0][mode], results[1][mode]
     assert set(one) == set(two)
+    assert {"loss_contr", "loss_affil", "loss_scene", "model.temp2"} <= set(one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
 
@@ -41,7 +43,7 @@ def test_xvlm_style_gather_scales_gradients_by_world_size(results: tuple[dict, d
 
     The temperature is not gathered, so each process already sees its full gradient.
     """
-    one, two = results[0]["local=False, gather_with_grad=False"], results[1]["local=False, gather_with_grad=False"]
+    one, two = results[0]["xvlm gather"], results[1]["xvlm gather"]
     torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-7)
     for name in ("model.image.weight", "model.text.weight"):
         torch.testing.assert_close(two[name] * 2, one[name], rtol=1e-5, atol=1e-7)

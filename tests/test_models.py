@@ -122,7 +122,7 @@ def test_config_and_encoder_json_must_agree(tiny_config_path: Path, tmp_path: Pa
 
 def test_paper_size_model(tmp_path: Path) -> None:
     """Swin-T + BERT-base as in the paper configs: 27.5 M + 108.9 M parameters, 50 Swin tokens of width 768."""
-    config = load_config(ROOT / "configs" / "Retrieval_rsitmd.yaml")
+    config = load_config(ROOT / "configs" / "Retrieval_rsitmd_baseline.yaml")
     model = build_model(config, pretrained=False)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(model.vision_encoder) == 27_519_354
