@@ -226,7 +226,7 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
     wrapped: nn.Module = task
     if info.distributed:
         wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=stages.varies())
+                                          find_unused_parameters=stages.varies("affil"))  # owns temp2
     splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device) for s in ("val", "test")}
     board = TensorBoard(output_dir / "tensorboard" if info.is_main else None, purge_step=state.epoch)
     epochs = config["schedular"]["epochs"]

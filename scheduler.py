@@ -170,10 +170,10 @@ class StageSchedule:
         self.index += 1
         self.best, self.best_epoch = -math.inf, epoch - 1
 
-    def varies(self) -> bool:
-        """True when some loss term is off in some stage (DDP must then allow unused parameters)."""
-        terms = {name for stage in self.stages for name in stage.losses}
-        return any(set(stage.losses) != terms for stage in self.stages)
+    def varies(self, term: str) -> bool:
+        """True when ``term`` is on in some stages and off in others (DDP must then allow unused parameters
+        if the term owns some, as the affiliation loss owns ``temp2``)."""
+        return len({term in stage.losses for stage in self.stages}) == 2
 
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index, "best": self.best, "best_epoch": self.best_epoch}
