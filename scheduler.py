@@ -2,7 +2,6 @@
 the value-guided stage schedule (which loss terms are on in which epochs)."""
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from utils.config import ConfigError
+from utils.config import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,7 @@ def _parse_stage(raw: Any, index: int, source: str) -> Stage:
         raise ConfigError(f"{where}: expected a mapping with keys {list(_STAGE_KEYS)}, got {raw!r}")
     for key in raw:
         if key not in _STAGE_KEYS:
-            hint = difflib.get_close_matches(str(key), _STAGE_KEYS, n=1)
-            raise ConfigError(f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(str(key), _STAGE_KEYS)}")
     start, losses = raw.get("start_epoch"), raw.get("losses")
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ConfigError(f"{where}.start_epoch: expected an epoch number >= 0, got {start!r}")
@@ -98,9 +96,8 @@ def _parse_stage(raw: Any, index: int, source: str) -> Stage:
         raise ConfigError(f"{where}.losses: expected a mapping of loss terms {list(LOSS_TERMS)} to weights")
     for name, weight in losses.items():
         if name not in LOSS_TERMS:
-            hint = difflib.get_close_matches(str(name), LOSS_TERMS, n=1)
-            raise ConfigError(f"{where}.losses: unknown loss '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                              + f"; known: {list(LOSS_TERMS)}")
+            raise ConfigError(f"{where}.losses: unknown loss '{name}'{did_you_mean(str(name), LOSS_TERMS)}; "
+                              f"known: {list(LOSS_TERMS)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"{where}.losses.{name}: expected a weight >= 0, got {weight!r}")
     caption_weights = raw.get("caption_weights", False)
@@ -156,7 +153,7 @@ class StageSchedule:
 
     def stage_for_epoch(self, epoch: int) -> Stage:
         while self.index + 1 < len(self.stages) and self.stages[self.index + 1].start_epoch <= epoch:
-            self._advance(epoch)
+            self._advance()
         return self.current
 
     def observe(self, epoch: int, metric: float) -> None:
@@ -164,11 +161,12 @@ class StageSchedule:
         if metric > self.best:
             self.best, self.best_epoch = metric, epoch
         elif self.patience and epoch - self.best_epoch >= self.patience and self.index + 1 < len(self.stages):
-            self._advance(epoch + 1)
+            self._advance()
 
-    def _advance(self, epoch: int) -> None:
+    def _advance(self) -> None:
+        """Next stage; its plateau is counted from its own first val result."""
         self.index += 1
-        self.best, self.best_epoch = -math.inf, epoch - 1
+        self.best, self.best_epoch = -math.inf, -1
 
     def varies(self, term: str) -> bool:
         """True when ``term`` is on in some stages and off in others (DDP must then allow unused parameters

@@ -57,6 +57,7 @@ class RetrievalObjective(nn.Module):
         image_ids = gather_features(batch["image_idx"], with_grad=False)
         rows = local_rows(local_batch, image_feat.shape[0]) if cfg["local_loss"] else None
         eps = cfg["soft_target_eps"]
+        labels = gather_features(batch["label"], with_grad=False) if {"affil", "scene"} & set(self.terms) else None
         losses: dict[str, torch.Tensor] = {}
         for term in self.terms:
             with torch.set_grad_enabled(torch.is_grad_enabled() and term in self.stage.losses):
@@ -66,11 +67,9 @@ class RetrievalObjective(nn.Module):
                         weights = gather_features(batch["caption_weight"], with_grad=False).to(image_feat.dtype)
                     value = contrastive_loss(image_feat, text_feat, image_ids, features["temp"], weights, eps, rows)
                 elif term == "affil":
-                    labels = gather_features(batch["label"], with_grad=False)
                     value = affiliation_loss(image_feat, text_feat, labels, features["temp2"], eps,
                                              cfg["affil_center_chunk"] or local_batch, cfg["affil_symmetric"], rows)
                 else:
-                    labels = gather_features(batch["label"], with_grad=False)
                     value = scene_adaptive_loss(image_feat, text_feat, image_ids, labels, features["temp"], epoch,
                                                 cfg["alpha_m"], cfg["beta1"], cfg["beta2"], cfg["scene_mode"], eps, rows)
             losses[f"loss_{term}"] = value

@@ -1,11 +1,10 @@
 """Training augmentation: word deletion, caption weights, RandomAugment, GridMask and the per-kind pipelines.
 
-Images are real PNGs written with Pillow into ``tmp_path``; the public RSITMD train JSON is used when
-``SHARED_DATASETS`` is present.
+Images are real PNGs written with Pillow into ``tmp_path``. The caption weights of the public RSITMD train
+JSON are checked in test_data.py, beside the other real-file tests.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from conftest import SHARED_DATASETS, write_json
+from conftest import write_json
 from dataset import create_train_loader, transforms
 from dataset.annotations import DataError, load_train_annotations
 from dataset.captions import delete_words
@@ -179,30 +178,6 @@ def test_weights_follow_the_kept_entries_when_skipping(tmp_path: Path) -> None:
     os.remove(tmp_path / "scene_0.png")  # the mean is over the kept captions: 4, 6, 8, 8 words -> 6.5
     ann = load_train_annotations([file], str(tmp_path), 8, skip_bad=True)
     assert ann.caption_weights == [0.95, 1.0, 1.0, 1.0] and "threshold 4.55 words" in ann.weight_source
-
-
-def test_rsitmd_short_low_weights(tmp_path: Path) -> None:
-    """fisvl-method.md §11 Q1: mean 10.25 words, threshold 7.18, 23.9 % of 17,175 captions get 0.95."""
-    file = SHARED_DATASETS / "RSITMD" / "finetune_json" / "rsitmd_train.json"
-    if not file.is_file():
-        pytest.skip(f"{file} is not available")
-    raw = json.loads(file.read_text(encoding="utf-8"))
-    assert not any("length" in entry for entry in raw)
-    for name in {os.path.basename(entry["image"]) for entry in raw}:
-        (tmp_path / name).touch()  # existence is all a load without skip_bad_samples checks
-    ann = load_train_annotations([str(file)], str(tmp_path), 30)
-    assert ann.weight_source == ("rule short_low: mean 10.25 words, threshold 7.18 words, "
-                                 "23.9 % of 17175 captions get 0.95")
-    weights = np.asarray(ann.caption_weights)
-    assert len(weights) == 17175 and set(weights.tolist()) == {0.95, 1.0}
-    assert int((weights == 0.95).sum()) == 4099
-    words = np.array([len(c.split(" ")) for c in ann.captions])
-    assert words.sum() == 176106  # mean 10.2536
-    assert np.array_equal(weights == 0.95, words < 0.7 * words.mean())
-    clip = np.asarray(load_train_annotations([str(file)], str(tmp_path), 30,
-                                             caption_weight={"rule": "clip", "avg_ratio": 0.7,
-                                                             "low": 0.95}).caption_weights)
-    assert clip.min() == 0.95 and clip.max() == 1.0 and clip.mean() == pytest.approx(0.97307, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- RandomAugment

@@ -523,6 +523,27 @@ def test_rsitmd_test_file(rsitmd: tuple[Path, Path]) -> None:
     assert load_rgb(ann.image_paths[0]).size == (8, 8)
 
 
+def test_rsitmd_short_low_weights(rsitmd: tuple[Path, Path]) -> None:
+    """fisvl-method.md §11 Q1: mean 10.25 words, threshold 7.18, 23.9 % of 17,175 captions get 0.95."""
+    folder, images = rsitmd
+    file = folder / "rsitmd_train.json"
+    raw = json.loads(file.read_text(encoding="utf-8"))
+    assert not any("length" in entry for entry in raw)
+    ann = load_train_annotations([str(file)], str(images), 30)
+    assert ann.weight_source == ("rule short_low: mean 10.25 words, threshold 7.18 words, "
+                                 "23.9 % of 17175 captions get 0.95")
+    weights = np.asarray(ann.caption_weights)
+    assert len(weights) == 17175 and set(weights.tolist()) == {0.95, 1.0}
+    assert int((weights == 0.95).sum()) == 4099
+    words = np.array([len(c.split(" ")) for c in ann.captions])
+    assert words.sum() == 176106  # mean 10.2536
+    assert np.array_equal(weights == 0.95, words < 0.7 * words.mean())
+    clip = np.asarray(load_train_annotations([str(file)], str(images), 30,
+                                             caption_weight={"rule": "clip", "avg_ratio": 0.7,
+                                                             "low": 0.95}).caption_weights)
+    assert clip.min() == 0.95 and clip.max() == 1.0 and clip.mean() == pytest.approx(0.97307, abs=1e-5)
+
+
 def test_rsitmd_train_file_labels_match_name_prefixes(rsitmd: tuple[Path, Path], tmp_path: Path) -> None:
     folder, images = rsitmd
     raw = json.loads((folder / "rsitmd_train.json").read_text(encoding="utf-8"))

@@ -172,7 +172,8 @@ _SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULE
 _ALIASES = {"scheduler": "schedular"}
 
 
-def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """`` (did you mean '<closest>'?)`` for an error message, or an empty string when nothing is close."""
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
@@ -207,7 +208,7 @@ def _validate(raw: Mapping[str, Any], schema: Section, source: str, prefix: str 
         name = _ALIASES.get(name, name) if not prefix else name
         where = f"{source}: key '{prefix}{name}'"
         if not isinstance(name, str) or name not in schema:
-            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{_did_you_mean(str(name), schema, prefix)}")
+            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{did_you_mean(str(name), schema, prefix)}")
         if name in out:
             raise ConfigError(f"{where} is given twice (once under an alias)")
         key = schema[name]
