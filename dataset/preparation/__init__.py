@@ -111,9 +111,11 @@ def _entries(images: list[SourceImage], names: list[str], options: PrepareOption
             out["train"] += [{"caption": c, "image_id": image_id, **fields} for c in image.captions]
         else:
             out[image.split].append({"caption": list(image.captions), **fields})
+    empty = [split for split, entries in out.items() if not entries]
+    if empty:
+        raise DataError(f"no {' or '.join(empty)} images left to write (a carved val split takes "
+                        f"round(val fraction x train images) of them)")
     train = out["train"]
-    if not train:
-        raise DataError("no training images left to write")
     weights, weight_source = rule_weights([pre_caption(e["caption"], options.max_words) for e in train],
                                           options.caption_weight)
     for entry, weight in zip(train, weights):

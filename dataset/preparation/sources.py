@@ -190,12 +190,18 @@ def split_files(src_dir: str | Path, suffix: str = ".json") -> dict[str, Path]:
     return {split: paths[0] for split, paths in found.items() if paths}
 
 
+def _split_or_carved(split: str, files: dict[str, Path]) -> str | None:
+    """Train images have no split yet when there is no val file: val is carved from them."""
+    return None if split == "train" and "val" not in files else split
+
+
 def read_coco(src_dir: str | Path) -> Source:
     """COCO-captions JSON, one file per split: ``images[]`` (``id``, ``file_name``) and
     ``annotations[]`` (``image_id``, ``caption``); images keep the order of ``images``."""
     files = split_files(src_dir)
     images: list[SourceImage] = []
     for split, path in files.items():
+        split = _split_or_carved(split, files)
         data = _load_json(path)
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a COCO object with 'images' and 'annotations'")
@@ -245,6 +251,6 @@ def read_xvlm_file(path: str | Path, split: str | None) -> list[SourceImage]:
 def read_xvlm(src_dir: str | Path) -> Source:
     """A folder of X-VLM/PIR JSON files named by split (``rsitmd_train.json``, ...)."""
     files = split_files(src_dir)
-    images = [image for split, path in files.items() for image in read_xvlm_file(path, split)]
+    images = [image for split, path in files.items() for image in read_xvlm_file(path, _split_or_carved(split, files))]
     return Source(images, [str(p) for p in files.values()],
                   notes=[] if "val" in files else [f"no val file in {src_dir}: carved from train"])
