@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import utils.distributed as dist_utils
 from dataset import EvalSplit, create_eval_split, create_train_loader, prepare_synthetic_data
 from dataset.tokenizer import build_tokenizer
 from models import build_model
+from models.loading import initialise_from_checkpoint, load_for_evaluation
 from models.objective import build_objective
 from models.task import RetrievalTask
 from optim import create_optimizer
@@ -39,7 +39,6 @@ from utils.evaluation import evaluate_split
 from utils.logger import Progress, TensorBoard, max_memory_mb, setup_logging
 from utils.metrics import METRIC_KEYS, chance_metrics
 from utils.precision import autocast, grad_scaler
-from utils.weights import load_into
 
 log = logging.getLogger("retrieval")
 NO_CHECKPOINT = ("", "-1", "none")
@@ -180,11 +179,6 @@ def resume_path(resume: str, output_dir: Path) -> Path:
     return output_dir / "checkpoint_last.pth" if resume == "latest" else Path(resume)
 
 
-def load_weights(model: nn.Module, checkpoint: str) -> None:
-    state = load_checkpoint(checkpoint)
-    load_into(model, state.get("model", state), f"model <- {checkpoint}")
-
-
 def evaluate_only(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, tokenizer: Any,
                   device: torch.device, output_dir: Path, info: dist_utils.DistInfo) -> dict[str, float]:
     split = create_eval_split(config, args.split, device)
@@ -319,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(config, pretrained=start_from is None and not args.resume).to(device)
     check_vocabulary(tokenizer, model, config)
     if start_from is not None:
-        load_weights(model, start_from)
+        (load_for_evaluation if args.evaluate else initialise_from_checkpoint)(model, start_from, config)
     try:
         if args.evaluate:
             return {"metrics": evaluate_only(args, config, model, tokenizer, device, output_dir, info)}

@@ -7,13 +7,14 @@ State-dict keys follow PIR's baseline: ``vision_encoder.*``, ``text_encoder.*``,
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scheduler import loss_terms
+from utils.weights import Remapped, StateDict, WeightsError, patterns_under, with_prefix
 
 from ._registry import register_model
 from .encoders import BertTextEncoder, build_vision_encoder, read_vision_config
@@ -73,16 +74,46 @@ class DualEncoder(nn.Module):
         """Newly initialised parameters (not from a pretrained encoder); ``optimizer.lr_mult`` applies to them."""
         return {n for n, _ in self.named_parameters() if not n.startswith(("vision_encoder.", "text_encoder."))}
 
-    def load_pretrained(self, config: dict[str, Any]) -> None:
-        """Load the encoder weights the config names; say loudly which encoder starts from random weights."""
-        if self.vision_cfg.get("ckpt"):
-            self.vision_encoder.load_pretrained(self.vision_cfg["ckpt"])
-        else:
-            log.warning("vision encoder: random init (%s names no ckpt)", config["vision_config"])
-        if has_pretrained_weights(config["text_encoder"]):
-            self.text_encoder.load_pretrained(config["text_encoder"])
-        else:
-            log.warning("text encoder: random init (no weights in %s)", config["text_encoder"])
+    def encoders(self) -> dict[str, nn.Module]:
+        """The pretrained parts by state-dict prefix; each has ``remap_state`` and ``load_pretrained``."""
+        return {"vision_encoder": self.vision_encoder, "text_encoder": self.text_encoder}
+
+    def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
+        """Load the weights the config names into ``parts`` (default: every encoder). An encoder whose config
+        names no weights is an error unless ``allow_random_init`` lists it."""
+        parts = list(self.encoders()) if parts is None else list(parts)
+        allow = config["allow_missing_weights"]
+        if "vision_encoder" in parts:
+            if self.vision_cfg.get("ckpt"):
+                self.vision_encoder.load_pretrained(self.vision_cfg["ckpt"], patterns_under(allow, "vision_encoder."))
+            else:
+                random_init("vision_encoder", config, f"{config['vision_config']} names no ckpt")
+        if "text_encoder" in parts:
+            if has_pretrained_weights(config["text_encoder"]):
+                self.text_encoder.load_pretrained(config["text_encoder"], patterns_under(allow, "text_encoder."))
+            else:
+                random_init("text_encoder", config, f"no weights in the text_encoder folder {config['text_encoder']}")
+
+    def remap_checkpoint(self, state: StateDict) -> Remapped:
+        """A whole-model state dict (this project's, PIR's, FISVL's or X-VLM's) -> this model's names: each
+        encoder's tensors go through that encoder's ``remap_state``; the rest keeps its names."""
+        prefixes = tuple(f"{name}." for name in self.encoders())
+        out = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        resized, dropped = [], []
+        for name, encoder in self.encoders().items():
+            part = encoder.remap_state(with_prefix(state, f"{name}."))
+            out.update({f"{name}.{k}": v for k, v in part.state.items()})
+            resized += [f"{name}.{entry}" for entry in part.resized]
+            dropped += [f"{name}.{entry}" for entry in part.dropped]
+        return Remapped(out, resized, dropped)
+
+
+def random_init(part: str, config: dict[str, Any], why: str) -> None:
+    """An encoder starts from random weights only when the config says it may."""
+    if part not in config["allow_random_init"]:
+        raise WeightsError(f"{part}: {why}. Name its weights (see the README's weights section), or add {part} "
+                           f"to allow_random_init to train it from random weights")
+    log.warning("%s: random init (%s; allowed by allow_random_init)", part, why)
 
 
 @register_model("swin_bert_cl")

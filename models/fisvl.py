@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.weights import WeightsError
+from utils.weights import Remapped, StateDict, WeightsError, patterns_under, with_prefix
 
 from ._registry import register_model
-from .dual_encoder import DualEncoder
+from .dual_encoder import DualEncoder, random_init
 from .encoders.resnet import PriorCNN
 from .fusion import SFGS, GraphReasoning
 
@@ -89,19 +89,59 @@ class FISVL(DualEncoder):
         """New parameters: everything outside the pretrained Swin, BERT and CNN."""
         return {n for n in super().head_parameter_names() if not n.startswith("conv_encoder.")}
 
-    def load_pretrained(self, config: dict[str, Any]) -> None:
-        super().load_pretrained(config)
-        if not self.use_fgis:
+    def encoders(self) -> dict[str, nn.Module]:
+        return {**super().encoders(), "conv_encoder": self.conv_encoder} if self.use_fgis else super().encoders()
+
+    def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
+        parts = list(self.encoders()) if parts is None else list(parts)
+        super().load_pretrained(config, [part for part in parts if part != "conv_encoder"])
+        if "conv_encoder" not in parts:
             return
         path = config["resnet_ckpt"]
         if not path:
-            log.warning("prior CNN: random init (resnet_ckpt is not set)%s",
-                        "" if self.finetune_conv else "; it is frozen, so it stays random")
+            random_init("conv_encoder", config, "resnet_ckpt is not set" + (
+                "" if self.finetune_conv else "; the prior CNN is frozen, so it stays random"))
             return
         if not Path(path).is_file():
             raise WeightsError(f"resnet_ckpt not found: {path} (the prior CNN's weights, e.g. RSP's "
                                f"aid_28-rsp-resnet-50-ckpt.pth; see the README's weights section)")
-        self.conv_encoder.load_pretrained(path)
+        self.conv_encoder.load_pretrained(path, patterns_under(config["allow_missing_weights"], "conv_encoder."))
+
+    def remap_checkpoint(self, state: StateDict) -> Remapped:
+        """Released FISVL checkpoints keep SFGS inside the ResNet (``conv_encoder.loc_fea1.*``); it moves to
+        ``sfgs.*`` (:func:`remap_released_sfgs`) before the encoders' own remaps."""
+        return super().remap_checkpoint(remap_released_sfgs(state))
+
+
+def remap_released_sfgs(state: StateDict) -> StateDict:
+    """``conv_encoder.loc_fea1.*`` of the published code -> this model's ``sfgs.*``.
+
+    The published attention computes softmax(linear_k(x) linear_v(x)^T / 8) linear_q(x) (its ``att(v, k, q)``
+    receives them in that order, fisvl-method.md §2.4), so torch's packed in-projection is
+    [query; key; value] = [linear_k; linear_v; linear_q]. ``fmp_weight`` [1, 128, d] is the fusion weight.
+    """
+    released = "conv_encoder.loc_fea1."
+    if not any(k.startswith(released) for k in state):
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith(released)}
+    sfgs = with_prefix(state, released)
+    attention = with_prefix(sfgs, "sfgs.wsa.")
+    names = {"conv_filter.": "conv_filter.", "sfgs.conv2d_block_11.": "branches.0.",
+             "sfgs.conv2d_block_33.": "branches.1.", "sfgs.conv2d_block_55.": "branches.2.",
+             "sfgs.fc.linear.": "token_proj.0.", "sfgs.wsa.mhatt.linear_merge.": "attention.self_attn.out_proj.",
+             "sfgs.wsa.ffn.net.0.": "attention.linear1.", "sfgs.wsa.ffn.net.3.": "attention.linear2.",
+             "sfgs.wsa.norm1.": "attention.norm1.", "sfgs.wsa.norm2.": "attention.norm2."}
+    for key, value in sfgs.items():
+        for old, new in names.items():
+            if key.startswith(old):
+                out[f"sfgs.{new}{key[len(old):]}"] = value
+    for kind in ("weight", "bias"):
+        packed = [attention.get(f"mhatt.linear_{role}.{kind}") for role in ("k", "v", "q")]
+        if all(t is not None for t in packed):
+            out[f"sfgs.attention.self_attn.in_proj_{kind}"] = torch.cat(packed)
+    if "fmp_weight" in attention:
+        out["sfgs.fusion_weight"] = attention["fmp_weight"].squeeze(0)
+    return out
 
 
 @register_model("fisvl")

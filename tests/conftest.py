@@ -59,6 +59,7 @@ num_workers: 0
 optimizer: {{opt: adamW, lr: 1e-3, weight_decay: 0.01, lr_mult: 2}}
 schedular: {{sched: linear, epochs: 3, num_warmup_steps: 0.1}}
 print_freq: 5
+allow_random_init: [vision_encoder, text_encoder, conv_encoder]
 """
     path = folder / "tiny.yaml"
     path.write_text(yaml, encoding="utf-8")

@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 _REQUIRED = object()
+RANDOM_INIT_PARTS = ("vision_encoder", "text_encoder", "conv_encoder")
 
 
 class ConfigError(ValueError):
@@ -113,8 +114,14 @@ SCHEMA: Section = {
     "fgis": Key((bool,), True, "FISVL: fuse CNN global/local tokens with the Swin tokens by graph reasoning"),
     "conv_arch": Key((str,), "resnet50", "FISVL/PIR prior CNN (torchvision layout)",
                      choices=("resnet18", "resnet34", "resnet50")),
-    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR); empty = random init, with a warning",
+    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR; torchvision layout, e.g. RSP's ResNet-50)",
                        is_path=True),
+    "allow_random_init": Key((list,), [], "encoders that may start from random weights when the config names "
+                             "none: vision_encoder, text_encoder, conv_encoder (demos, tests); otherwise that is "
+                             "an error"),
+    "allow_missing_weights": Key((list,), [], "fnmatch patterns of model tensors that may keep their initial "
+                                 "values when a checkpoint lacks them (e.g. 'sfgs.*'); any other missing tensor "
+                                 "is an error"),
     "finetune_conv": Key((bool,), False, "train the prior CNN (FISVL/PIR keep it frozen)"),
     "conv_bn_train_mode": Key((bool,), True, "frozen CNN's BatchNorm in train mode, so batch statistics are used "
                               "and running statistics drift (as published); false = eval mode"),
@@ -307,6 +314,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[
     source = f"{path}" + (" (with command-line overrides)" if overrides else "")
     config = _validate(raw, SCHEMA, source)
     _legacy_aliases(config)
+    unknown = [part for part in config["allow_random_init"] if part not in RANDOM_INIT_PARTS]
+    if unknown:
+        raise ConfigError(f"{source}: allow_random_init names {unknown}; the encoders are "
+                          f"{', '.join(RANDOM_INIT_PARTS)}")
     return config
 
 

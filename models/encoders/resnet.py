@@ -5,11 +5,13 @@ ResNet-50 checkpoints use; the classifier is not built.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from utils.weights import LoadReport, load_into, read_state_dict
+from utils.weights import LoadReport, Remapped, StateDict, load_into, read_state_dict
 
 _ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -39,7 +41,25 @@ class PriorCNN(ResNet):
         deep = self.layer4(self.layer3(self.layer2(self.layer1(stem))))
         return stem, self.avgpool(deep).flatten(1)  # flatten, not squeeze: a batch of 1 keeps its axis
 
-    def load_pretrained(self, path: str) -> LoadReport:
-        """torchvision-layout checkpoints (RSP's ``aid_28-rsp-resnet-50-ckpt.pth``); the classifier is dropped."""
-        return load_into(self, read_state_dict(path, "ResNet checkpoint"), f"prior CNN <- {path}",
-                         ignore_unexpected=("fc.",))
+    def remap_state(self, state: StateDict) -> Remapped:
+        """torchvision names, or PIR's ``nn.Sequential`` wrapper of them (``0.`` conv1, ``1.`` bn1, ``4.``-``7.``
+        layer1-4) -> this model; the classifier (any class count) is dropped."""
+        out: StateDict = {}
+        dropped = []
+        for key, value in state.items():
+            first, _, rest = key.partition(".")
+            key = f"{_SEQUENTIAL_NAMES[first]}.{rest}" if first in _SEQUENTIAL_NAMES else key
+            if key.startswith("fc."):
+                dropped.append(f"{key} (classifier of {value.shape[0]} classes)")
+            else:
+                out[key] = value
+        return Remapped(out, dropped=dropped)
+
+    def load_pretrained(self, path: str, allow_missing: Iterable[str] = ()) -> LoadReport:
+        """torchvision-layout checkpoints such as RSP's ``aid_28-rsp-resnet-50-ckpt.pth``, with or without
+        ``model``/``state_dict`` wrappers and ``module.`` prefixes."""
+        state = read_state_dict(path, "ResNet checkpoint (resnet_ckpt)")
+        return load_into(self, self.remap_state(state), f"prior CNN <- {path}", allow_missing=allow_missing)
+
+
+_SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}

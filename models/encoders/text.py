@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from transformers import BertConfig, BertModel
 
-from utils.weights import LoadReport, WeightsError, load_into, read_state_dict
+from utils.weights import LoadReport, Remapped, StateDict, WeightsError, load_into, read_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -36,13 +37,32 @@ class BertTextEncoder(BertModel):
         else:
             self.gradient_checkpointing_disable()
 
-    def load_pretrained(self, folder: str) -> LoadReport:
-        """Hugging Face BERT weights from a local folder; old ``bert.``/``gamma``/``beta`` names are mapped."""
+    def remap_state(self, state: StateDict) -> Remapped:
+        """Hugging Face, original-TF (``bert.``, ``gamma``/``beta``) or X-VLM names -> BertModel names. The MLM
+        head and pooler are dropped, and so are X-VLM's cross-modal layers (those with ``crossattention``):
+        a text-only encoder takes X-VLM's text layers only."""
+        state = {remap_bert_key(k): v for k, v in state.items()}
+        fusion = {k.split(".")[2] for k in state if k.startswith("encoder.layer.") and ".crossattention." in k}
+        out, dropped = {}, []
+        for key, value in state.items():
+            if key.startswith(("cls.", "pooler.")):
+                dropped.append(f"{key} (pre-training head)")
+            elif key.startswith("encoder.layer.") and key.split(".")[2] in fusion:
+                dropped.append(f"{key} (X-VLM cross-modal layer)")
+            else:
+                out[key] = value
+        return Remapped(out, dropped=dropped)
+
+    def load_pretrained(self, folder: str, allow_missing: Iterable[str] = ()) -> LoadReport:
+        """Hugging Face BERT weights from a local folder (``model.safetensors`` or ``pytorch_model.bin``)."""
+        if not Path(folder).is_dir():
+            raise WeightsError(f"BERT folder not found: {folder} (text_encoder: a folder with vocab.txt, "
+                               f"config.json and {' or '.join(WEIGHT_FILES)}; nothing is downloaded)")
         files = [Path(folder) / name for name in WEIGHT_FILES if (Path(folder) / name).is_file()]
         if not files:
             raise WeightsError(f"BERT folder {folder} has no weights ({' or '.join(WEIGHT_FILES)})")
-        state = {remap_bert_key(k): v for k, v in read_state_dict(files[0], "BERT weights").items()}
-        return load_into(self, state, f"text encoder <- {files[0]}", ignore_unexpected=("cls.", "pooler."))
+        state = read_state_dict(files[0], "BERT weights")
+        return load_into(self, self.remap_state(state), f"text encoder <- {files[0]}", allow_missing=allow_missing)
 
 
 def remap_bert_key(key: str) -> str:

@@ -7,22 +7,24 @@ followed by the patch tokens. Architectures are data: a JSON file names the size
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
+from torch import nn
 
-from utils.weights import LoadReport, load_into, read_state_dict
+from utils.weights import LoadReport, Remapped, StateDict, load_into, read_state_dict, shape_changes
 
 _REQUIRED_KEYS = {
     "swin": ("vision_width", "image_res", "window_size", "embed_dim", "depths", "num_heads"),
     "vit": ("vision_width", "image_res", "patch_size", "depth", "num_heads"),
 }
-_OPTIONAL_KEYS = ("arch", "ckpt", "drop_path_rate", "patch_size", "mlp_ratio")
+_OPTIONAL_KEYS = ("arch", "ckpt", "drop_path_rate", "patch_size", "mlp_ratio", "pre_norm", "act_layer", "norm_eps")
 
 
 class SwinTokens(SwinTransformer):
@@ -40,10 +42,24 @@ class SwinTokens(SwinTransformer):
     def total_stride(self) -> int:
         return self.patch_embed.patch_size[0] * 2 ** (len(self.layers) - 1)
 
-    def load_pretrained(self, path: str) -> LoadReport:
-        """Microsoft or timm Swin checkpoints; relative-position tables are resized to this window."""
-        state = swin_filter(read_state_dict(path, "Swin checkpoint"), self)
-        return load_into(self, state, f"vision encoder <- {path}", ignore_unexpected=("head.",))
+    def remap_state(self, state: StateDict) -> Remapped:
+        """Microsoft's (also X-VLM's) or timm's Swin names -> this model: downsample layers move to the next
+        stage, relative-position tables are resized to this window, index and mask buffers are dropped
+        (the module rebuilds them), and so is the classifier."""
+        head = [k for k in state if k.startswith("head.")]
+        body = {k: v for k, v in state.items() if not k.startswith("head.")}
+        buffers = [k for k in body if k.endswith(("relative_position_index", "attn_mask"))]
+        out = swin_filter(body, self)
+        dropped = [f"{k} (rebuilt by the model)" for k in buffers] + [f"{k} (classifier)" for k in head]
+        # only these keep their names and may change shape; downsample keys are renamed, not resized
+        resizable = {k: v for k, v in body.items()
+                     if k.endswith(("relative_position_bias_table", "patch_embed.proj.weight"))}
+        return Remapped(out, shape_changes(resizable, out), dropped)
+
+    def load_pretrained(self, path: str, allow_missing: Iterable[str] = ()) -> LoadReport:
+        """Microsoft or timm Swin checkpoints (.pth or .safetensors)."""
+        state = read_state_dict(path, "Swin checkpoint (the vision_config JSON's ckpt)")
+        return load_into(self, self.remap_state(state), f"vision encoder <- {path}", allow_missing=allow_missing)
 
 
 class ViTTokens(VisionTransformer):
@@ -60,10 +76,23 @@ class ViTTokens(VisionTransformer):
     def total_stride(self) -> int:
         return self.patch_embed.patch_size[0]
 
-    def load_pretrained(self, path: str) -> LoadReport:
-        """timm/DeiT ViT checkpoints; position embeddings are resized to this grid."""
-        state = vit_filter(read_state_dict(path, "ViT checkpoint"), self)
-        return load_into(self, state, f"vision encoder <- {path}", ignore_unexpected=("head.", "head_dist."))
+    def remap_state(self, state: StateDict) -> Remapped:
+        """timm/DeiT names, or OpenAI CLIP's ``visual.*`` (a vision JSON with ``pre_norm: true``,
+        ``act_layer: quick_gelu`` and ``norm_eps: 1e-5`` builds that architecture) -> this model, with timm's filter; the position
+        embedding is resized to this grid; classifiers and CLIP's projection are dropped."""
+        source_pos = state.get("pos_embed", state.get("visual.positional_embedding"))
+        out = vit_filter(state, self)
+        dropped = [f"{k} (classifier or projection)" for k in out if k.startswith(("head.", "head_dist."))]
+        out = {k: v for k, v in out.items() if not k.startswith(("head.", "head_dist."))}
+        resized = []
+        if source_pos is not None and source_pos.shape[-2] != out["pos_embed"].shape[-2]:
+            resized.append(f"pos_embed: {source_pos.shape[-2]} -> {out['pos_embed'].shape[-2]} tokens")
+        return Remapped(out, resized, dropped)
+
+    def load_pretrained(self, path: str, allow_missing: Iterable[str] = ()) -> LoadReport:
+        """timm, DeiT or OpenAI-CLIP ViT checkpoints (.pth or .safetensors)."""
+        state = read_state_dict(path, "ViT checkpoint (the vision_config JSON's ckpt)")
+        return load_into(self, self.remap_state(state), f"vision encoder <- {path}", allow_missing=allow_missing)
 
 
 def read_vision_config(path: str, default_arch: str) -> dict[str, Any]:
@@ -94,7 +123,9 @@ def build_vision_encoder(cfg: dict[str, Any]) -> SwinTokens | ViTTokens:
                              window_size=cfg["window_size"], **common)
     else:
         encoder = ViTTokens(patch_size=cfg["patch_size"], embed_dim=cfg["vision_width"], depth=cfg["depth"],
-                            num_heads=cfg["num_heads"], **common)
+                            num_heads=cfg["num_heads"], pre_norm=cfg.get("pre_norm", False),
+                            act_layer=cfg.get("act_layer", "gelu"),
+                            norm_layer=partial(nn.LayerNorm, eps=cfg.get("norm_eps", 1e-6)), **common)
     if encoder.width != cfg["vision_width"]:
         raise ValueError(f"vision_width {cfg['vision_width']} does not match the built encoder's width {encoder.width}")
     return encoder

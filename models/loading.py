@@ -1,0 +1,40 @@
+"""Loading a whole-model checkpoint named by ``--checkpoint``: for evaluation, or to start training from it.
+
+Accepted: this project's ``checkpoint_best.pth`` / ``checkpoint_last.pth``, checkpoints released by PIR and
+FISVL (``{'model', 'config'}``, Microsoft Swin names, SFGS inside the ResNet) and X-VLM's pre-trained or
+fine-tuned checkpoints. The model's ``remap_checkpoint`` turns each into its own names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from utils.weights import LoadReport, load_into, read_state_dict
+
+
+def load_for_evaluation(model: nn.Module, path: str, config: dict[str, Any]) -> LoadReport:
+    """Every tensor of the model must come from the file (except ``allow_missing_weights`` patterns)."""
+    remapped = model.remap_checkpoint(read_state_dict(path, "checkpoint (--checkpoint)"))
+    return load_into(model, remapped, f"model <- {path}", allow_missing=config["allow_missing_weights"])
+
+
+def initialise_from_checkpoint(model: nn.Module, path: str, config: dict[str, Any]) -> LoadReport:
+    """Start training from a checkpoint, as X-VLM's ``--checkpoint`` does.
+
+    An encoder the file holds must be complete in it. An encoder it does not hold at all (the ResNet prior
+    in an X-VLM checkpoint) gets the pretrained weights the config names. The heads (projections,
+    temperatures, fusion) load when the file has them in this model's shapes, and keep their
+    initialisation otherwise: an X-VLM checkpoint's 256-d projections do not fit a 512-d model.
+    """
+    remapped = model.remap_checkpoint(read_state_dict(path, "checkpoint (--checkpoint)"))
+    absent = [name for name in model.encoders() if not any(k.startswith(f"{name}.") for k in remapped.state)]
+    model.load_pretrained(config, parts=absent)
+    heads = model.head_parameter_names() | {n for n, _ in model.named_buffers()
+                                            if not n.startswith(tuple(f"{e}." for e in model.encoders()))}
+    own = model.state_dict()
+    for key in [k for k, v in remapped.state.items() if k in heads and own[k].shape != v.shape]:
+        remapped.dropped.append(f"{key} (shape {tuple(remapped.state.pop(key).shape)} differs; kept the model's "
+                                f"initialisation {tuple(own[key].shape)})")
+    allow = [*config["allow_missing_weights"], *sorted(heads), *(f"{name}.*" for name in absent)]
+    return load_into(model, remapped, f"model <- {path}", allow_missing=allow)
