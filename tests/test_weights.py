@@ -8,6 +8,7 @@ equal the source model's, and (c) what the load report says. Errors must name th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -843,7 +844,8 @@ def test_allow_missing_weights_patterns_reach_the_encoder_loads(tiny_config_path
 
 
 def test_load_report_is_logged_with_exact_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The summary line and the detail lines of one load (a 2-stage Microsoft Swin with its head)."""
+    """The file's size and sha256, the summary line and the detail lines of one load (a 2-stage Microsoft Swin
+    with its head)."""
     torch.manual_seed(0)
     source = build_vision_encoder(dict(TINY_SWIN))
     torch.save({"model": to_official_swin(source, head_classes=10)}, tmp_path / "swin.pth")
@@ -852,12 +854,16 @@ def test_load_report_is_logged_with_exact_counts(tmp_path: Path, caplog: pytest.
     name = f"vision encoder <- {tmp_path / 'swin.pth'}"
     assert isinstance(report, LoadReport)
     records = [r for r in caplog.records if r.name == "utils.weights"]
+    file = tmp_path / "swin.pth"
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
     assert [r.getMessage() for r in records] == [
+        f"reading Swin checkpoint (the vision_config JSON's ckpt): {file} ({file.stat().st_size} bytes, "
+        f"sha256 {digest})",
         f"{name}: loaded 35 tensors (0 resized), 0 missing, 4 unexpected",
         f"{name}: tensors of the file not used: layers.0.blocks.0.attn.relative_position_index (rebuilt by the "
         f"model), layers.1.blocks.0.attn.relative_position_index (rebuilt by the model), head.weight (classifier), "
         f"head.bias (classifier)"]
-    assert [r.levelno for r in records] == [logging.INFO, logging.INFO]
+    assert [r.levelno for r in records] == [logging.INFO] * 3
 
 
 # --- 12: the command line

@@ -21,6 +21,7 @@ from dataset.annotations import DEFAULT_CAPTION_WEIGHT, DataError  # noqa: E402
 from dataset.preparation import (HARD, PrepareOptions, format_summary, prepare_dataset, read_coco,  # noqa: E402
                                  read_karpathy, read_precomp, read_xvlm)
 from dataset.preparation.labels import LABEL_SCHEMES  # noqa: E402
+from dataset.preparation.sources import Source  # noqa: E402
 
 SOURCES = {
     "precomp": "AMFMN/GaLR/SIRS folder with train_caps.txt, train_filename.txt, test_caps.txt, test_filename.txt",
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_source(args: argparse.Namespace):
+def read_source(args: argparse.Namespace) -> Source:
     if args.format == "precomp":
         return read_precomp(args.src, args.fixed_split, args.captions_per_image)
     return {"karpathy": read_karpathy, "coco": read_coco, "xvlm": read_xvlm}[args.format](args.src)

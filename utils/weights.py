@@ -7,6 +7,7 @@ listed). Key remapping is not done here: it lives next to the module that needs 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ def read_state_dict(path: str | Path, what: str) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} not found: {path} (nothing is downloaded; see the README's weights section)")
+    log.info("reading %s: %s", what, fingerprint(path))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -51,6 +53,15 @@ def read_state_dict(path: str | Path, what: str) -> StateDict:
     if not isinstance(state, Mapping):
         raise WeightsError(f"{what} {path} does not hold a state dict (found {type(state).__name__})")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def fingerprint(path: Path) -> str:
+    """``PATH (N bytes, sha256 HEX)``: which file a run started from, for the log."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path} ({path.stat().st_size} bytes, sha256 {digest.hexdigest()})"
 
 
 def with_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
