@@ -33,7 +33,7 @@ from models.encoders.resnet import PriorCNN
 from models.loading import initialise_from_checkpoint, load_for_evaluation
 from models.fusion.sfgs import HEADS as SFGS_HEADS
 from utils.config import ConfigError, load_config
-from utils.weights import LoadReport, WeightsError, load_into
+from utils.weights import LoadReport, WeightsError, load_into, with_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 SWIN_WHAT = "Swin checkpoint (the vision_config JSON's ckpt)"
@@ -205,7 +205,7 @@ def published_sfgs(stem: torch.Tensor, t: dict[str, torch.Tensor], heads: int) -
     branches = [F.adaptive_avg_pool2d(conv_bn_relu(x, f"sfgs.conv2d_block_{k}{k}", k), 16).flatten(2)
                 for k in (1, 3, 5)]
     tokens = torch.relu(F.linear(torch.cat(branches, 1), t["sfgs.fc.linear.weight"], t["sfgs.fc.linear.bias"]))
-    tokens = published_wsa(tokens, {k[len("sfgs.wsa."):]: v for k, v in t.items() if k.startswith("sfgs.wsa.")},
+    tokens = published_wsa(tokens, with_prefix(t, "sfgs.wsa."),
                            heads)
     weight = t["sfgs.wsa.fmp_weight"][0]  # [128, d]
     return torch.einsum("ne,bnd->bed", weight, tokens).mean(1)  # mean over e of W^T X
@@ -594,8 +594,8 @@ def test_released_sfgs_attention_matches_the_published_computation(tiny_fisvl_co
     torch.manual_seed(1)
     target = build_model(config, pretrained=False).eval()
     load_for_evaluation(target, str(tmp_path / "released.pth"), config)
-    sfgs_tensors = {k[len(RELEASED_SFGS):]: v for k, v in released.items() if k.startswith(RELEASED_SFGS)}
-    wsa = {k[len("sfgs.wsa."):]: v for k, v in sfgs_tensors.items() if k.startswith("sfgs.wsa.")}
+    sfgs_tensors = with_prefix(released, RELEASED_SFGS)
+    wsa = with_prefix(sfgs_tensors, "sfgs.wsa.")
     assert SFGS_HEADS == 8 and target.sfgs.attention.self_attn.num_heads == SFGS_HEADS
 
     tokens = torch.randn(2, 128, 32, generator=torch.Generator().manual_seed(11))
@@ -658,9 +658,9 @@ def test_xvlm_checkpoint_initialises_a_dual_encoder(tiny_config_path: Path, tmp_
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     report = initialise_from_checkpoint(model, str(tmp_path / "xvlm_4m.pth"), config)
     loaded = model.state_dict()
-    assert_same_tensors({k[len("vision_encoder."):]: v for k, v in loaded.items() if k.startswith("vision_encoder.")},
+    assert_same_tensors(with_prefix(loaded, "vision_encoder."),
                         vision.state_dict())
-    assert_same_tensors({k[len("text_encoder."):]: v for k, v in loaded.items() if k.startswith("text_encoder.")},
+    assert_same_tensors(with_prefix(loaded, "text_encoder."),
                         text.state_dict())
     for key in ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias"):
         assert torch.equal(loaded[key], initial[key]), key
@@ -701,11 +701,11 @@ def test_xvlm_checkpoint_initialises_fisvl_with_the_resnet_from_resnet_ckpt(tiny
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     report = initialise_from_checkpoint(model, str(tmp_path / "xvlm_4m.pth"), config)
     loaded = model.state_dict()
-    assert_same_tensors({k[len("conv_encoder."):]: v for k, v in loaded.items() if k.startswith("conv_encoder.")},
+    assert_same_tensors(with_prefix(loaded, "conv_encoder."),
                         {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")})
-    assert_same_tensors({k[len("vision_encoder."):]: v for k, v in loaded.items() if k.startswith("vision_encoder.")},
+    assert_same_tensors(with_prefix(loaded, "vision_encoder."),
                         vision.state_dict())
-    assert_same_tensors({k[len("text_encoder."):]: v for k, v in loaded.items() if k.startswith("text_encoder.")},
+    assert_same_tensors(with_prefix(loaded, "text_encoder."),
                         text.state_dict())
     for key, value in initial.items():
         if key.startswith(("sfgs.", "img_gcn.", "head_img.", "conv_proj.", "vision_proj.", "text_proj.", "temp2")):

@@ -23,7 +23,7 @@ from .plots import plot_caption_lengths, plot_scene_counts
 from .problems import HARD, Problem
 from .sources import SPLITS, Source, SourceImage, read_coco, read_karpathy, read_precomp, read_xvlm, read_xvlm_file
 from .splits import carve_val
-from .summary import format_summary, summarize
+from .summary import format_summary, split_word_counts, summarize
 
 __all__ = ["HARD", "PrepareOptions", "Prepared", "PreparationError", "format_summary", "prepare_dataset",
            "read_coco", "read_karpathy", "read_precomp", "read_xvlm"]
@@ -151,7 +151,8 @@ def prepare_dataset(source: Source, out_dir: str | Path, options: PrepareOptions
                "label_scheme": options.label_scheme, "notes": source.notes, "caption_weights": weight_source,
                "accepted": sorted(options.allow),
                "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())}}
-    summary = summarize(options.name, splits, found, set(options.allow), context, options.max_words)
+    words = split_word_counts(splits)
+    summary = summarize(options.name, splits, words, found, set(options.allow), context, options.max_words)
     for split, entries in splits.items():
         files[split] = out_dir / f"{options.name}_{split}.json"
         _write_json(entries, files[split])
@@ -163,6 +164,6 @@ def prepare_dataset(source: Source, out_dir: str | Path, options: PrepareOptions
         files["scene_plot"] = plots_dir / f"{options.name}_scenes.png"
         files["length_plot"] = plots_dir / f"{options.name}_caption_lengths.png"
         plot_scene_counts(options.name, splits, files["scene_plot"])
-        plot_caption_lengths(options.name, splits, files["length_plot"])
+        plot_caption_lengths(options.name, words, files["length_plot"])
     return Prepared(splits, found, summary, files)
 

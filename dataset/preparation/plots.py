@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 from utils.checkpoint import write_bytes_atomic
 
 from .labels import is_singleton
-from .summary import caption_words, split_captions
 
 SPLIT_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
 
@@ -47,12 +46,10 @@ def plot_scene_counts(name: str, splits: dict[str, list[dict[str, Any]]], path: 
     _save(figure, path)
 
 
-def plot_caption_lengths(name: str, splits: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_caption_lengths(name: str, words: dict[str, np.ndarray], path: Path) -> None:
     """Histogram of words per caption (as the loader cleans them), one outline per split, as fractions."""
     figure = Figure(figsize=(7, 3.5))
     axes = figure.add_subplot()
-    words = {split: np.array([caption_words(c) for c in split_captions(split, entries)])
-             for split, entries in splits.items()}
     bins = np.arange(0, max(int(w.max()) for w in words.values()) + 2) - 0.5
     for split, counts in words.items():
         axes.hist(counts, bins=bins, histtype="step", linewidth=1.5, color=SPLIT_COLOURS[split],

@@ -27,26 +27,30 @@ def split_captions(split: str, entries: list[dict[str, Any]]) -> list[str]:
     return [caption for entry in entries for caption in entry["caption"]]
 
 
-def _word_stats(counts: list[int], max_words: int) -> dict[str, float]:
-    words = np.asarray(counts, dtype=np.float64)
+def split_word_counts(splits: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
+    """Words of every caption per split, counted once for the summary and the length figure."""
+    return {split: np.array([caption_words(c) for c in split_captions(split, entries)], dtype=np.int64)
+            for split, entries in splits.items()}
+
+
+def _word_stats(words: np.ndarray, max_words: int) -> dict[str, float]:
     return {"mean": round(float(words.mean()), 2), "median": float(np.median(words)), "min": int(words.min()),
             "p95": float(np.percentile(words, 95)), "max": int(words.max()),
             f"over_{max_words}": int((words > max_words).sum())}
 
 
-def summarize(name: str, splits: dict[str, list[dict[str, Any]]], problems: list[Problem], allowed: set[str],
-              context: dict[str, Any], max_words: int) -> dict[str, Any]:
+def summarize(name: str, splits: dict[str, list[dict[str, Any]]], words: dict[str, np.ndarray],
+              problems: list[Problem], allowed: set[str], context: dict[str, Any], max_words: int) -> dict[str, Any]:
     """Images, captions and scenes per split, caption lengths, and problem counts by kind and status."""
     out: dict[str, Any] = {"name": name, **context, "splits": {}}
     for split, entries in splits.items():
         by_image = {entry["image"]: entry["label_name"] for entry in entries}
-        captions = split_captions(split, entries)
         scenes = Counter(by_image.values())
         singletons = sum(is_singleton(image, label) for image, label in by_image.items())
         out["splits"][split] = {
-            "images": len(by_image), "captions": len(captions),
+            "images": len(by_image), "captions": len(words[split]),
             "scenes": len(scenes) - singletons, "images_with_own_scene": singletons,
-            "caption_words": _word_stats([caption_words(c) for c in captions], max_words),
+            "caption_words": _word_stats(words[split], max_words),
             "images_repeating_a_caption": len({p.image for p in problems
                                                if p.kind == "duplicate-caption" and p.split == split}),
             "captions_shared_by_images": sum(p.kind == "shared-caption" and p.split == split for p in problems),
