@@ -1,10 +1,79 @@
-"""Finding and decoding images (.tif, .jpg, .png, anything Pillow reads) with errors that name the file."""
+"""Finding and decoding images into 8-bit RGB, with errors that name the file.
+
+Pillow decodes 8-bit images, exactly as it always did here. Remote sensing also delivers 16-bit, float and
+multi-band files, which Pillow truncates, misreads or cannot identify; those go through rasterio (GDAL),
+and :class:`ImageDecoding` says how their bands and samples become RGB.
+"""
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Mapping
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from utils.config import ConfigError, did_you_mean
+
+_SCALES = ("depth", "percentile")
+_PILLOW_BANDS = ("L", "LA", "RGB", "RGBA")
+_TIFF_SAMPLES_PER_PIXEL, _TIFF_SAMPLE_FORMAT, _TIFF_UNSIGNED = 277, 339, 1
+_SAMPLE_TYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                           "float16", "float32", "float64"})
+
+
+class ImageDecodeError(ValueError):
+    """The file reads, but its samples or its bands cannot become an RGB image; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageDecoding:
+    """How an image's bands and samples become 8-bit RGB.
+
+    ``bands`` (1-based, as GDAL counts them; 1 or 3 of them) are read as grey or RGB; by default one band is
+    grey, two bands are grey + alpha (band 1 is used), three or more are RGB from bands 1, 2, 3. uint8
+    samples are used as they are. Other samples become 0..255 by ``scale``: ``depth`` divides by
+    ``value_max`` (default: the integer dtype's maximum, 1 for floats); ``percentile`` maps each band's
+    ``percentiles`` (NaN ignored, numpy's linear interpolation) to 0 and 1, and a constant band to 0. Then
+    the result is clipped to [0, 1], NaN becomes 0, and it is multiplied by 255 and rounded (half to even).
+    """
+
+    scale: str = "depth"
+    value_max: float | None = None
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    bands: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> ImageDecoding:
+        """The config's ``image_decode`` section, checked; errors name the key ``image_decode.<key>``."""
+        known = [f.name for f in fields(cls)]
+        for name in section:
+            if name not in known:
+                raise ConfigError(f"unknown key 'image_decode.{name}'{did_you_mean(str(name), known, 'image_decode.')}")
+        default = cls()
+        scale = section.get("scale", default.scale)
+        if scale not in _SCALES:
+            raise ConfigError(f"image_decode.scale: {scale!r} is not one of {list(_SCALES)}")
+        value_max = section.get("value_max", default.value_max)
+        if value_max is not None and not (_is_number(value_max) and 0 < value_max < float("inf")):
+            raise ConfigError(f"image_decode.value_max: expected a positive number, got {value_max!r}")
+        percentiles = section.get("percentiles", default.percentiles)
+        if not (isinstance(percentiles, (list, tuple)) and len(percentiles) == 2
+                and all(map(_is_number, percentiles)) and 0 <= percentiles[0] < percentiles[1] <= 100):
+            raise ConfigError(f"image_decode.percentiles: expected [low, high] with 0 <= low < high <= 100, "
+                              f"got {percentiles!r}")
+        bands = section.get("bands", default.bands)
+        if bands is not None and not (isinstance(bands, (list, tuple)) and len(bands) in (1, 3) and all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands)):
+            raise ConfigError(f"image_decode.bands: expected 1 or 3 band numbers counted from 1, got {bands!r}")
+        return cls(scale, None if value_max is None else float(value_max),
+                   (float(percentiles[0]), float(percentiles[1])), None if bands is None else tuple(bands))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def candidate_paths(image_root: str, image: str) -> list[str]:
@@ -20,8 +89,118 @@ def resolve_image_path(image_root: str, image: str) -> str | None:
     return next((p for p in candidate_paths(image_root, image) if os.path.isfile(p)), None)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert to 3-channel RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def load_rgb(path: str | Path, decoding: ImageDecoding | None = None) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) into 8-bit RGB.
+
+    Pillow decodes the images whose samples its mode shows as they are (8-bit); rasterio decodes the rest
+    by ``decoding`` (default ``ImageDecoding()``). A file neither reads is an ``OSError``, as Pillow's are.
+    """
+    decoding = ImageDecoding() if decoding is None else decoding
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        return _raster_rgb(path, decoding, "Pillow cannot identify it")
+    with img:
+        if _pillow_shows_samples(img, path):
+            img.load()
+            return img.convert("RGB") if decoding.bands is None else _pillow_bands(img, decoding.bands, path)
+        mode = img.mode
+    return _raster_rgb(path, decoding, f"Pillow reads it as mode {mode}")
+
+
+def _pillow_shows_samples(img: Image.Image, path: str | Path) -> bool:
+    """False where Pillow's mode hides the samples: high-depth modes, 16-bit PNG colour (truncated to its high
+    byte), JPEG2000 (mode RGB whatever the depth), TIFFs with extra, signed or float samples."""
+    if img.mode.startswith("I") or img.mode == "F" or img.format == "JPEG2000":
+        return False
+    if img.format == "PNG":
+        return _png_bit_depth(path) != 16
+    if img.format == "TIFF":
+        tags = img.tag_v2
+        return (tags.get(_TIFF_SAMPLES_PER_PIXEL, 1) == len(img.getbands())
+                and set(tags.get(_TIFF_SAMPLE_FORMAT, (_TIFF_UNSIGNED,))) == {_TIFF_UNSIGNED})
+    return True
+
+
+def _png_bit_depth(path: str | Path) -> int:
+    with open(path, "rb") as handle:
+        handle.seek(24)  # signature, IHDR length and type, width, height
+        return handle.read(1)[0]
+
+
+def _pillow_bands(img: Image.Image, bands: tuple[int, ...], path: str | Path) -> Image.Image:
+    """Select ``bands`` of an 8-bit image: L, LA, RGB and RGBA count their channels as GDAL does; other modes
+    (palette, CMYK, ...) are converted to RGB first, so that bands count R, G, B."""
+    if img.mode not in _PILLOW_BANDS:
+        img = img.convert("RGB")
+    pixels = np.asarray(img).reshape(img.height, img.width, -1)
+    return _rgb(pixels[..., [b - 1 for b in _band_numbers(bands, pixels.shape[2], path)]])
+
+
+def _band_numbers(bands: tuple[int, ...] | None, count: int, path: str | Path) -> list[int]:
+    """The 1-based bands to read: ``bands``, or band 1 of one or two bands (grey, grey + alpha), else 1, 2, 3."""
+    if bands is None:
+        return [1] if count < 3 else [1, 2, 3]
+    beyond = [b for b in bands if b > count]
+    if beyond:
+        raise ImageDecodeError(f"{path}: has {count} band(s), so band {beyond[0]} of bands {list(bands)} "
+                               f"does not exist")
+    return list(bands)
+
+
+def _raster_rgb(path: str | Path, decoding: ImageDecoding, why: str) -> Image.Image:
+    planes = _read_raster(path, decoding.bands, why)
+    return _rgb(np.moveaxis(_to_uint8(planes, decoding), 0, -1))
+
+
+def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str) -> np.ndarray:
+    """The selected bands as (bands, height, width), in the file's dtype."""
+    import rasterio  # here, not at the top: 8-bit datasets never pay its 0.6 s import
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain images carry no georeference
+        try:
+            source = rasterio.open(path)
+        except RasterioIOError as err:
+            raise UnidentifiedImageError(f"cannot identify image file {path}: {why}, and rasterio (GDAL) "
+                                         f"cannot open it: {err}") from err
+    with source:
+        numbers = _band_numbers(bands, source.count, path)
+        dtypes = sorted({source.dtypes[b - 1] for b in numbers})
+        if not _SAMPLE_TYPES.issuperset(dtypes):
+            raise ImageDecodeError(f"{path}: cannot decode {'/'.join(dtypes)} samples (only integers and floats)")
+        try:
+            return source.read(numbers)
+        except RasterioIOError as err:
+            raise OSError(f"{path}: rasterio (GDAL) cannot read its samples: {err.__cause__ or err}") from err
+
+
+def _to_uint8(raw: np.ndarray, decoding: ImageDecoding) -> np.ndarray:
+    """Samples of (bands, height, width) as uint8 by the rule of :class:`ImageDecoding`."""
+    if raw.dtype == np.uint8:
+        return raw
+    data = raw.astype(np.float64)
+    if decoding.scale == "percentile":
+        unit = _stretch(data, decoding.percentiles)
+    else:
+        top = decoding.value_max
+        if top is None:
+            top = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" else 1.0
+        unit = data / top
+    return np.rint(np.clip(np.nan_to_num(unit, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _stretch(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """Each band's low/high percentile (NaN ignored) to 0/1; a constant or all-NaN band to 0."""
+    empty = np.isnan(data).all(axis=(1, 2), keepdims=True)
+    low, high = np.nanpercentile(np.where(empty, 0.0, data), percentiles, axis=(1, 2), keepdims=True)
+    span = high - low
+    return np.divide(data - low, span, out=np.zeros_like(data), where=span > 0)
+
+
+def _rgb(pixels: np.ndarray) -> Image.Image:
+    """(height, width, 1 or 3) uint8 to an RGB image, grey replicated."""
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(pixels))
