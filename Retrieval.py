@@ -23,25 +23,31 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import utils.distributed as dist_utils
-from dataset import EvalSplit, create_eval_split, create_train_loader, prepare_synthetic_data
+from dataset import EvalSplit, check_split_images, create_eval_split, create_train_loader, prepare_synthetic_data
 from dataset.tokenizer import build_tokenizer
 from models import build_model
-from models.loading import initialise_from_checkpoint, load_for_evaluation
+from models.loading import initialise_from_checkpoint, load_for_evaluation, untrained_parts
 from models.objective import build_objective
 from models.task import RetrievalTask
 from optim import create_optimizer
 from scheduler import StageSchedule, create_scheduler, parse_stages
-from utils.cli import add_run_arguments
-from utils.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state,
-                              write_text_atomic)
+from utils.cli import add_run_arguments, parse_run_arguments
+from utils.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, remove_stale_temporaries, rng_state, save_atomic,
+                              set_rng_state, write_text_atomic)
 from utils.config import dump_config, load_config
 from utils.evaluation import evaluate_split
-from utils.logger import Progress, TensorBoard, max_memory_mb, setup_logging
+from utils.finite import NonFiniteError, describe_step, grad_norm, non_finite_tensors, step_is_finite
+from utils.logger import Progress, TensorBoard, log_failure, max_memory_mb, setup_logging
 from utils.metrics import METRIC_KEYS, chance_metrics
 from utils.precision import autocast, grad_scaler
+from utils.weights import WeightsError
 
 log = logging.getLogger("retrieval")
 NO_CHECKPOINT = ("", "-1", "none")
+
+
+class ResumeError(RuntimeError):
+    """``--resume`` names a checkpoint that cannot continue this run."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +72,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # steps whose update nan_policy: skip dropped, over the whole run
 
 
 def seed_everything(seed: int) -> None:
@@ -103,13 +110,20 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 def train_one_epoch(task: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, epoch: int,
-                    config: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One pass over the loader; returns X-VLM's ``train_*`` strings plus time, throughput and memory."""
+                    config: dict[str, Any], device: torch.device, state: TrainState) -> dict[str, Any]:
+    """One pass over the loader; returns X-VLM's ``train_*`` strings plus time, throughput and memory.
+
+    A step whose loss terms or gradient norm are not finite (on any process) never updates the weights:
+    ``nan_policy: stop`` raises :class:`NonFiniteError` naming epoch, step and terms; ``skip`` drops the
+    update, counts it in ``state.skipped_steps`` and stops once ``nan_skip_limit`` is exceeded. Under fp16
+    the grad scaler already skips overflowing gradients, so only the loss is checked there.
+    """
     task.train()
     global_batch = config["batch_size_train"] * dist_utils.get_world_size()
     progress = Progress(f"Train Epoch: [{epoch}]", len(loader), config["print_freq"], global_batch, device)
     sums: dict[str, torch.Tensor] = {}
-    lr_sum = 0.0
+    lr_sum, finite_steps, skipped = 0.0, 0, 0
+    check_grads = not scaler.is_enabled()
     for step, batch in enumerate(loader):
         progress.data_loaded()
         batch = to_device(batch, device)
@@ -117,27 +131,47 @@ def train_one_epoch(task: nn.Module, loader: torch.utils.data.DataLoader, optimi
             losses = task(batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
+        scaler.unscale_(optimizer)
         if config["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(task.parameters(), config["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_(task.parameters(), config["grad_clip"])
+        else:
+            norm = grad_norm(task.parameters()) if check_grads else None
         lr_sum += optimizer.param_groups[0]["lr"]
+        if step_is_finite(losses, norm):
+            scaler.step(optimizer)
+            finite_steps += 1
+            for name, value in losses.items():
+                if name != "loss":
+                    sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
+        else:
+            where = f"epoch {epoch}, step {step + 1}/{len(loader)}: non-finite loss or gradient ({describe_step(losses, norm)})"
+            if config["nan_policy"] == "stop":
+                raise NonFiniteError(f"{where}; nan_policy: stop ended the run (lower the learning rate, try "
+                                     f"grad_clip, or set nan_policy: skip to skip such steps)")
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            state.skipped_steps += 1
+            if state.skipped_steps > config["nan_skip_limit"]:
+                raise NonFiniteError(f"{where}; {state.skipped_steps} steps of this run were skipped, more than "
+                                     f"nan_skip_limit {config['nan_skip_limit']}: the run stops")
+            log.warning("%s; update skipped (%d in this run, nan_skip_limit %d)", where, state.skipped_steps,
+                        config["nan_skip_limit"])
+        scaler.update()
         scheduler.step()
-        for name, value in losses.items():
-            if name != "loss":
-                sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
         if step % config["print_freq"] == 0 or step + 1 == len(loader):
-            means = {k: dist_utils.all_reduce_mean(v).item() / (step + 1) for k, v in sums.items()}
+            means = {k: dist_utils.all_reduce_mean(v).item() / max(finite_steps, 1) for k, v in sums.items()}
             progress.step(step, {"lr": optimizer.param_groups[0]["lr"], **means})
         else:
             progress.step(step, {})
     steps = len(loader)
     stats: dict[str, Any] = {"train_lr": f"{lr_sum / steps:.5f}"}
-    stats.update({f"train_{k}": f"{dist_utils.all_reduce_mean(v).item() / steps:.5f}" for k, v in sums.items()})
+    stats.update({f"train_{k}": f"{dist_utils.all_reduce_mean(v).item() / max(finite_steps, 1):.5f}"
+                  for k, v in sums.items()})
     stats.update({"train_time_s": round(progress.elapsed, 2),
                   "samples_per_s": round(steps * global_batch / progress.elapsed, 1),
                   "max_mem_mb": round(max_memory_mb(device), 1)})
+    if skipped:
+        stats["train_skipped_steps"] = skipped
     return stats
 
 
@@ -179,33 +213,64 @@ def resume_path(resume: str, output_dir: Path) -> Path:
     return output_dir / "checkpoint_last.pth" if resume == "latest" else Path(resume)
 
 
-def evaluate_only(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, tokenizer: Any,
-                  device: torch.device, output_dir: Path, info: dist_utils.DistInfo) -> dict[str, float]:
-    split = create_eval_split(config, args.split, device)
+def claim_run_folder(output_dir: Path, config: dict[str, Any], info: dist_utils.DistInfo) -> None:
+    """Write ``config.yaml`` and remove temporary files a killed process left; called only once the run has
+    everything it needs (a failed ``--resume`` leaves the folder as it was)."""
+    if info.is_main:
+        for stale in remove_stale_temporaries(output_dir):
+            log.info("removed %s, left by an interrupted process", stale)
+        write_text_atomic(dump_config(config), output_dir / "config.yaml")
+
+
+def evaluated_weights(args: argparse.Namespace, config: dict[str, Any], model: nn.Module,
+                      start_from: str | None) -> dict[str, Any]:
+    """Load what ``--evaluate`` evaluates and describe it: the ``--checkpoint``, or without one the pretrained
+    weights the config names (zero-shot). Parts that would be random are refused unless
+    ``--allow_random_eval`` is given."""
+    if start_from is not None:
+        load_for_evaluation(model, start_from, config)
+        log.info("evaluating checkpoint %s", start_from)
+        return {"weights": "checkpoint", "checkpoint": start_from}
+    files = model.pretrained_sources(config)
+    random = untrained_parts(model, files)
+    if random and not args.allow_random_eval:
+        raise WeightsError(f"--evaluate without --checkpoint evaluates the pretrained weights {args.config} names "
+                           f"(zero-shot), but these parts would be randomly initialised: {', '.join(random)}. Give "
+                           f"--checkpoint PATH (a trained model), or --allow_random_eval to evaluate them as they are")
+    model.load_pretrained({**config, "allow_random_init": list(files)} if random else config)
+    kind = "pretrained with random parts (--allow_random_eval)" if random else "pretrained (zero-shot)"
+    log.info("evaluating %s weights, no --checkpoint: %s%s", kind,
+             ", ".join(f"{part} <- {path}" for part, path in files.items() if path) or "no files",
+             f"; random: {', '.join(random)}" if random else "")
+    return {"weights": kind, "checkpoint": None, "pretrained_files": {p: f for p, f in files.items() if f},
+            "random_parts": random}
+
+
+def evaluate_only(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, device: torch.device,
+                  output_dir: Path, info: dist_utils.DistInfo, start_from: str | None) -> dict[str, float]:
+    problems = check_split_images(config, [args.split])
+    model = build_model(config, pretrained=False).to(device)
+    check_vocabulary(tokenizer, model, config)
+    weights = evaluated_weights(args, config, model, start_from)
+    split = create_eval_split(config, args.split, device, problems)
+    claim_run_folder(output_dir, config, info)
     metrics = evaluate_split(model, split, tokenizer, config, device)
     if info.is_main:
         chance = chance_metrics(split.annotations.img2txt, len(split.annotations.texts))
-        result = {"split": args.split, "checkpoint": args.checkpoint, **{k: metrics[k] for k in METRIC_KEYS},
+        result = {"split": args.split, **weights, **{k: metrics[k] for k in METRIC_KEYS},
                   "chance_r_mean": chance["r_mean"], "n_images": len(split.annotations.image_paths),
                   "n_texts": len(split.annotations.texts), "eval_time_s": round(metrics["eval_time_s"], 3)}
         write_text_atomic(json.dumps(result, indent=2) + "\n", output_dir / "eval_results.json")
-        log.info("\n%s", format_table({args.split: metrics, "chance": chance}))
+        log.info("%s weights on %s:\n%s", weights["weights"], args.split,
+                 format_table({args.split: metrics, "chance": chance}))
     return metrics
 
 
-def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, tokenizer: Any,
-          device: torch.device, output_dir: Path, info: dist_utils.DistInfo) -> TrainState:
-    """The epoch loop: train, evaluate, select on val, checkpoint; resumable at every epoch boundary."""
-    task = RetrievalTask(model, build_objective(config)).to(device)
-    train_loader = create_train_loader(config, tokenizer, info, args.seed, device)
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler = create_scheduler(config["schedular"], optimizer, len(train_loader))
-    scaler = grad_scaler(config["precision"], device)
-    stages = StageSchedule(parse_stages(config), config["stage_patience"], config["schedular"]["epochs"])
-    state = TrainState()
-    if args.resume:
-        path = resume_path(args.resume, output_dir)
-        saved = load_checkpoint(path)
+def resume_training(saved: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler, stages: StageSchedule,
+                    info: dist_utils.DistInfo) -> TrainState:
+    """Restore everything ``checkpoint_last.pth`` holds; a checkpoint that does not fit says so by name."""
+    try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -213,15 +278,53 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
         stages.load_state_dict(saved["stage_schedule"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"][info.rank])
-        log.info("resumed from %s at epoch %d", path, state.epoch)
-        if info.is_main:  # drop log lines of an epoch that ran after the checkpoint
-            complete = state.epoch == config["schedular"]["epochs"]
-            write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise ResumeError(f"cannot resume from {path}: it does not match this run ({type(err).__name__}: "
+                          f"{err}); is it a checkpoint_last.pth of this config, with as many processes?") from err
+    log.info("resumed from %s at epoch %d", path, state.epoch)
+    return state
+
+
+def check_finite_model(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, state: TrainState) -> None:
+    """A model or optimizer state with NaN/inf is never evaluated, selected or saved."""
+    moments = {f"optimizer state {i}.{k}": v for i, s in enumerate(optimizer.state.values())
+               for k, v in s.items() if isinstance(v, torch.Tensor)}
+    bad = non_finite_tensors(model.state_dict()) + non_finite_tensors(moments)
+    if bad:
+        kept = (f"checkpoint_last.pth keeps epoch {epoch - 1}, checkpoint_best.pth epoch {state.best_epoch}"
+                if state.history else "no checkpoint was written")
+        raise NonFiniteError(f"after epoch {epoch} {len(bad)} tensors hold NaN/inf ({', '.join(bad[:5])}"
+                             f"{', ...' if len(bad) > 5 else ''}); nothing of this epoch is saved: {kept}")
+
+
+def train(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, device: torch.device,
+          output_dir: Path, info: dist_utils.DistInfo, start_from: str | None) -> TrainState:
+    """The epoch loop: train, evaluate, select on val, checkpoint; resumable at every epoch boundary."""
+    saved = load_checkpoint(resume_path(args.resume, output_dir)) if args.resume else None
+    problems = check_split_images(config, ("train", "val", "test"))
+    model = build_model(config, pretrained=start_from is None and not args.resume).to(device)
+    check_vocabulary(tokenizer, model, config)
+    if start_from is not None:
+        initialise_from_checkpoint(model, start_from, config)
+    task = RetrievalTask(model, build_objective(config)).to(device)
+    train_loader = create_train_loader(config, tokenizer, info, args.seed, device, problems)
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler = create_scheduler(config["schedular"], optimizer, len(train_loader))
+    scaler = grad_scaler(config["precision"], device)
+    stages = StageSchedule(parse_stages(config), config["stage_patience"], config["schedular"]["epochs"])
+    state = TrainState()
+    if saved is not None:
+        state = resume_training(saved, resume_path(args.resume, output_dir), model, optimizer, scheduler, scaler,
+                                stages, info)
+    splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device, problems) for s in ("val", "test")}
+    claim_run_folder(output_dir, config, info)
+    if saved is not None and info.is_main:  # drop log lines of an epoch that ran after the checkpoint
+        complete = state.epoch == config["schedular"]["epochs"]
+        write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
     wrapped: nn.Module = task
     if info.distributed:
         wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=stages.varies("affil"))  # owns temp2
-    splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device) for s in ("val", "test")}
     board = TensorBoard(output_dir / "tensorboard" if info.is_main else None, purge_step=state.epoch)
     epochs = config["schedular"]["epochs"]
     log.info("training %d epochs x %d steps, global batch %d, on %s x %d", epochs, len(train_loader),
@@ -235,7 +338,8 @@ def train(args: argparse.Namespace, config: dict[str, Any], model: nn.Module, to
             previous_stage = stage
         task.objective.set_stage(stage)
         record: dict[str, Any] = train_one_epoch(wrapped, train_loader, optimizer, scheduler, scaler, epoch, config,
-                                                 device)
+                                                 device, state)
+        check_finite_model(model, optimizer, epoch, state)
         record.update(stage=stages.index, stage_name=stage.name)
         evaluated = {"val": evaluate_split(model, splits["val"], tokenizer, config, device)}
         stages.observe(epoch, evaluated["val"]["r_mean"])
@@ -288,36 +392,38 @@ def check_vocabulary(tokenizer: Any, model: nn.Module, config: dict[str, Any]) -
                          f"{config['text_config']} sets vocab_size {size}")
 
 
+def run(args: argparse.Namespace, config: dict[str, Any], output_dir: Path, device: torch.device,
+        info: dist_utils.DistInfo) -> dict[str, Any]:
+    if args.bs > 0:
+        if args.bs % info.world_size:
+            raise ValueError(f"--bs {args.bs} is not divisible by the {info.world_size} processes")
+        config["batch_size_train"] = args.bs // info.world_size
+    seed_everything(args.seed + info.rank)
+    prepare_synthetic_data(config, info)
+    tokenizer = build_tokenizer(config["text_encoder"])
+    start_from = None if args.checkpoint.strip().lower() in NO_CHECKPOINT else args.checkpoint
+    if args.evaluate:
+        return {"metrics": evaluate_only(args, config, tokenizer, device, output_dir, info, start_from)}
+    return {"state": train(args, config, tokenizer, device, output_dir, info, start_from)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = parse_run_arguments(build_parser(), argv)
     config = load_config(args.config, [*args.opts, *args.overrides])
     parse_stages(config, args.config)  # a bad stage list fails before any data or model is built
+    if args.resume and args.evaluate:
+        raise ValueError("--resume continues training; use --evaluate --checkpoint PATH to evaluate")
     info = dist_utils.world_info_from_env()
     device = resolve_device(args.device, info)
     info = dist_utils.init_distributed(device.type, args.dist_url)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(output_dir, info.is_main)
-    if args.bs > 0:
-        if args.bs % info.world_size:
-            raise ValueError(f"--bs {args.bs} is not divisible by the {info.world_size} processes")
-        config["batch_size_train"] = args.bs // info.world_size
-    if info.is_main:
-        write_text_atomic(dump_config(config), output_dir / "config.yaml")
-    if args.resume and args.evaluate:
-        raise ValueError("--resume continues training; use --evaluate --checkpoint PATH to evaluate")
-    seed_everything(args.seed + info.rank)
-    prepare_synthetic_data(config, info)
-    tokenizer = build_tokenizer(config["text_encoder"])
-    start_from = None if args.checkpoint.strip().lower() in NO_CHECKPOINT else args.checkpoint
-    model = build_model(config, pretrained=start_from is None and not args.resume).to(device)
-    check_vocabulary(tokenizer, model, config)
-    if start_from is not None:
-        (load_for_evaluation if args.evaluate else initialise_from_checkpoint)(model, start_from, config)
     try:
-        if args.evaluate:
-            return {"metrics": evaluate_only(args, config, model, tokenizer, device, output_dir, info)}
-        return {"state": train(args, config, model, tokenizer, device, output_dir, info)}
+        return run(args, config, output_dir, device, info)
+    except BaseException as err:
+        log_failure(err)
+        raise
     finally:
         dist_utils.cleanup()
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils.cli import add_run_arguments
+from utils.cli import add_run_arguments, parse_run_arguments
 
 TASKS = {
     "demo": "configs/demo.yaml",
@@ -82,6 +82,8 @@ def worker_arguments(args: argparse.Namespace, config: str, output_dir: str, dev
             "--seed", str(args.seed), "--device", device, "--split", args.split]
     if args.evaluate:
         argv.append("--evaluate")
+    if args.allow_random_eval:
+        argv.append("--allow_random_eval")
     if args.resume:
         argv += ["--resume", args.resume]
     if args.overrides:
@@ -101,7 +103,7 @@ def torchrun_command(args: argparse.Namespace, nproc: int, worker_argv: list[str
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_run_arguments(build_parser(), argv)
     config = args.config or TASKS[args.task]
     output_dir = args.output_dir or os.path.join("output", args.task)
     for option in ("load_ckpt_from", "output_hdfs"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -11,13 +11,16 @@ from torch.utils.data import DataLoader
 from utils.distributed import DistInfo, barrier, shard_range
 
 from .annotations import DataError, EvalAnnotations, load_eval_annotations, load_train_annotations
+from .image_check import check_split_images
+from .images import ImageDecoding
 from .re_dataset import EvalImageDataset, RetrievalTrainDataset, TrainCollator
 from .samplers import SeededShardSampler
 from .transforms import test_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "EvalSplit", "create_eval_split", "create_train_loader", "prepare_synthetic_data"]
+__all__ = ["DataError", "EvalSplit", "check_split_images", "create_eval_split", "create_train_loader",
+           "prepare_synthetic_data"]
 
 
 @dataclass
@@ -42,40 +45,51 @@ def prepare_synthetic_data(config: dict[str, Any], info: DistInfo) -> None:
     barrier()
 
 
-def _loader_options(config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _loader_options(config: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
+    """Worker settings, and a generator of the loader's own: a loader otherwise draws its workers' base seed
+    from the global generator each time an iterator starts, and persistent workers start one only in the
+    first epoch a process runs, so a resumed run's global random stream (dropout) would differ."""
     workers = config["num_workers"]
     return {"num_workers": workers, "pin_memory": config["pin_memory"] and device.type == "cuda",
-            "persistent_workers": config["persistent_workers"] and workers > 0}
+            "persistent_workers": config["persistent_workers"] and workers > 0,
+            "generator": torch.Generator().manual_seed(seed)}
 
 
 def create_train_loader(config: dict[str, Any], tokenizer: Any, info: DistInfo, seed: int,
-                        device: torch.device) -> DataLoader:
-    """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e."""
+                        device: torch.device, decode_problems: Mapping[str, str] | None = None) -> DataLoader:
+    """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e.
+
+    ``decode_problems`` are the results of :func:`check_split_images` (images that do not decode).
+    """
     ann = load_train_annotations(config["train_file"], config["image_root"], config["max_words"],
-                                 config["skip_bad_samples"], config["caption_weight"])
+                                 config["skip_bad_samples"], config["caption_weight"], decode_problems)
     if ann.skipped:
         log.warning("train: skipped %d entries with missing or unreadable images", ann.skipped)
     log.info("train: %d captions of %d images, %d scene labels", len(ann.captions), len(set(ann.image_index)),
              len(set(ann.labels)))
     log.info("train: caption weights from %s", ann.weight_source)
     log.info("train: augmentation '%s', word deletion rate %g", config["dataset_kind"], config["deletion_rate"])
-    dataset = RetrievalTrainDataset(ann, train_transform(config), config["deletion_rate"])
+    dataset = RetrievalTrainDataset(ann, train_transform(config), config["deletion_rate"],
+                                    ImageDecoding.from_config(config["image_decode"]))
     sampler = SeededShardSampler(len(dataset), seed, info.rank, info.world_size)
     if len(sampler) < config["batch_size_train"]:
         raise DataError(f"batch_size_train {config['batch_size_train']} exceeds the {len(sampler)} training "
                         f"captions each process gets")
     return DataLoader(dataset, batch_size=config["batch_size_train"], sampler=sampler, drop_last=True,
-                      collate_fn=TrainCollator(tokenizer, config["max_tokens"]), **_loader_options(config, device))
+                      collate_fn=TrainCollator(tokenizer, config["max_tokens"]),
+                      **_loader_options(config, device, seed + info.rank))
 
 
-def create_eval_split(config: dict[str, Any], split: str, device: torch.device) -> EvalSplit:
+def create_eval_split(config: dict[str, Any], split: str, device: torch.device,
+                      decode_problems: Mapping[str, str] | None = None) -> EvalSplit:
     """Annotations of ``val`` or ``test`` and a loader over this process's contiguous shard of images."""
     ann = load_eval_annotations(config[f"{split}_file"], config["image_root"], config["max_words"],
-                                config["skip_bad_samples"])
+                                config["skip_bad_samples"], decode_problems)
     if ann.skipped:
         log.warning("%s: skipped %d images that are missing or unreadable (with their captions)", split, ann.skipped)
-    shard = EvalImageDataset(ann, test_transform(config), shard_range(len(ann.image_paths)))
-    options = _loader_options(config, device)
+    shard = EvalImageDataset(ann, test_transform(config), shard_range(len(ann.image_paths)),
+                             ImageDecoding.from_config(config["image_decode"]))
+    options = _loader_options(config, device, seed=0)
     options["persistent_workers"] = False
     loader = DataLoader(shard, batch_size=config["batch_size_test"], shuffle=False, **options)
     return EvalSplit(split, ann, loader)

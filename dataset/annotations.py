@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -77,6 +77,9 @@ def read_json_list(path: str) -> list[dict[str, Any]]:
         raise DataError(f"annotation file not found: {path}") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{err.object[err.start]:02x} at byte position {err.start} "
+                        f"({err.reason}); save the file as UTF-8") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     return data
@@ -149,11 +152,18 @@ def _clean(caption: str, max_words: int, where: str) -> str:
         raise DataError(f"{where}: empty caption {caption!r}") from None
 
 
-def _image_problem(image_root: str, image: str, check_decode: bool) -> tuple[str | None, str | None]:
-    """(resolved path, problem description); the problem is ``None`` when the image is usable."""
+def _image_problem(image_root: str, image: str, check_decode: bool,
+                   decode_problems: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+    """(resolved path, problem description); the problem is ``None`` when the image is usable.
+
+    ``decode_problems`` holds the results of a decode check already run over the images
+    (:func:`dataset.image_check.check_split_images`); without it, ``check_decode`` decodes here.
+    """
     path = resolve_image_path(image_root, image)
     if path is None:
         return None, f"image not found (tried {' and '.join(candidate_paths(image_root, image))})"
+    if decode_problems is not None:
+        return path, decode_problems.get(path)
     if check_decode:
         try:
             load_rgb(path)
@@ -169,7 +179,8 @@ def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:
 
 
 def load_train_annotations(files: Iterable[str], image_root: str, max_words: int, skip_bad: bool = False,
-                           caption_weight: dict[str, Any] | None = None) -> TrainAnnotations:
+                           caption_weight: dict[str, Any] | None = None,
+                           decode_problems: Mapping[str, str] | None = None) -> TrainAnnotations:
     """Read and check train JSON files (concatenated in order).
 
     Caption weights come from the entries' ``length`` field when they have one, else from
@@ -190,7 +201,7 @@ def load_train_annotations(files: Iterable[str], image_root: str, max_words: int
             has_label = _present(entry, "label", has_label, where)
             has_length = _present(entry, "length", has_length, where)
             if image not in path_cache:
-                path_cache[image] = _image_problem(image_root, image, check_decode=skip_bad)
+                path_cache[image] = _image_problem(image_root, image, skip_bad, decode_problems)
             path, problem = path_cache[image]
             if problem is not None:
                 _skip_or_raise(problem, where, skip_bad)
@@ -217,7 +228,8 @@ def load_train_annotations(files: Iterable[str], image_root: str, max_words: int
     return out
 
 
-def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: bool = False) -> EvalAnnotations:
+def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: bool = False,
+                          decode_problems: Mapping[str, str] | None = None) -> EvalAnnotations:
     """Read and check a val/test JSON (one entry per image with a list of captions)."""
     out = EvalAnnotations()
     for i, entry in enumerate(read_json_list(file)):
@@ -228,7 +240,7 @@ def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: 
         if not captions or not all(isinstance(c, str) for c in captions):
             raise DataError(f"{where}: 'caption' must be a non-empty list of strings")
         cleaned = [_clean(c, max_words, f"{where}, caption {j}") for j, c in enumerate(captions)]
-        path, problem = _image_problem(image_root, image, check_decode=skip_bad)
+        path, problem = _image_problem(image_root, image, skip_bad, decode_problems)
         if problem is not None:
             _skip_or_raise(problem, where, skip_bad)
             out.skipped += 1

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .annotations import DataError, EvalAnnotations, TrainAnnotations
 from .captions import delete_words
-from .images import load_rgb
+from .images import ImageDecoding, load_rgb
 
 
 @contextmanager
@@ -29,9 +29,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def _load(path: str, where: str):
+def _load(path: str, where: str, decoding: ImageDecoding | None):
     try:
-        return load_rgb(path)
+        return load_rgb(path, decoding)
     except Exception as err:  # Pillow raises several types for corrupt files
         raise DataError(f"{where}: cannot decode image {path}: {err}") from err
 
@@ -43,19 +43,21 @@ class RetrievalTrainDataset(Dataset):
     the sample seed, so an item is a pure function of its key.
     """
 
-    def __init__(self, annotations: TrainAnnotations, transform: Callable, deletion_rate: float = 0.0) -> None:
+    def __init__(self, annotations: TrainAnnotations, transform: Callable, deletion_rate: float = 0.0,
+                 decoding: ImageDecoding | None = None) -> None:
         if not 0.0 <= deletion_rate <= 1.0:
             raise ValueError(f"deletion_rate must be in [0, 1], got {deletion_rate}")
         self.ann = annotations
         self.transform = transform
         self.deletion_rate = deletion_rate
+        self.decoding = decoding
 
     def __len__(self) -> int:
         return len(self.ann.captions)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        image = _load(self.ann.image_paths[index], f"train caption {index}")
+        image = _load(self.ann.image_paths[index], f"train caption {index}", self.decoding)
         with seeded_rng(seed):
             pixels = self.transform(image)
             caption = delete_words(self.ann.captions[index], self.deletion_rate)  # after the image: same crops
@@ -83,14 +85,16 @@ class TrainCollator:
 class EvalImageDataset(Dataset):
     """The images of one val/test split (a shard of them when ``indices`` is given), with their indices."""
 
-    def __init__(self, annotations: EvalAnnotations, transform: Callable, indices: range | None = None) -> None:
+    def __init__(self, annotations: EvalAnnotations, transform: Callable, indices: range | None = None,
+                 decoding: ImageDecoding | None = None) -> None:
         self.ann = annotations
         self.transform = transform
         self.indices = indices if indices is not None else range(len(annotations.image_paths))
+        self.decoding = decoding
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         index = self.indices[i]
-        return self.transform(_load(self.ann.image_paths[index], f"eval image {index}")), index
+        return self.transform(_load(self.ann.image_paths[index], f"eval image {index}", self.decoding)), index

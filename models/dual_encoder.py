@@ -78,19 +78,25 @@ class DualEncoder(nn.Module):
         """The pretrained parts by state-dict prefix; each has ``remap_state`` and ``load_pretrained``."""
         return {"vision_encoder": self.vision_encoder, "text_encoder": self.text_encoder}
 
+    def pretrained_sources(self, config: dict[str, Any]) -> dict[str, str | None]:
+        """The weight file (or folder) the config names for each encoder; ``None`` where it names none."""
+        return {"vision_encoder": self.vision_cfg.get("ckpt") or None,
+                "text_encoder": config["text_encoder"] if has_pretrained_weights(config["text_encoder"]) else None}
+
     def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
         """Load the weights the config names into ``parts`` (default: every encoder). An encoder whose config
         names no weights is an error unless ``allow_random_init`` lists it."""
         parts = list(self.encoders()) if parts is None else list(parts)
         allow = config["allow_missing_weights"]
+        sources = self.pretrained_sources(config)
         if "vision_encoder" in parts:
-            if self.vision_cfg.get("ckpt"):
-                self.vision_encoder.load_pretrained(self.vision_cfg["ckpt"], patterns_under(allow, "vision_encoder."))
+            if sources["vision_encoder"]:
+                self.vision_encoder.load_pretrained(sources["vision_encoder"], patterns_under(allow, "vision_encoder."))
             else:
                 random_init("vision_encoder", config, f"{config['vision_config']} names no ckpt")
         if "text_encoder" in parts:
-            if has_pretrained_weights(config["text_encoder"]):
-                self.text_encoder.load_pretrained(config["text_encoder"], patterns_under(allow, "text_encoder."))
+            if sources["text_encoder"]:
+                self.text_encoder.load_pretrained(sources["text_encoder"], patterns_under(allow, "text_encoder."))
             else:
                 random_init("text_encoder", config, f"no weights in the text_encoder folder {config['text_encoder']}")
 

@@ -92,6 +92,10 @@ class FISVL(DualEncoder):
     def encoders(self) -> dict[str, nn.Module]:
         return {**super().encoders(), "conv_encoder": self.conv_encoder} if self.use_fgis else super().encoders()
 
+    def pretrained_sources(self, config: dict[str, Any]) -> dict[str, str | None]:
+        sources = super().pretrained_sources(config)
+        return {**sources, "conv_encoder": config["resnet_ckpt"] or None} if self.use_fgis else sources
+
     def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
         parts = list(self.encoders()) if parts is None else list(parts)
         super().load_pretrained(config, [part for part in parts if part != "conv_encoder"])

@@ -6,7 +6,7 @@ fine-tuned checkpoints. The model's ``remap_checkpoint`` turns each into its own
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -38,3 +38,12 @@ def initialise_from_checkpoint(model: nn.Module, path: str, config: dict[str, An
                                 f"initialisation {tuple(own[key].shape)})")
     allow = [*config["allow_missing_weights"], *sorted(heads), *(f"{name}.*" for name in absent)]
     return load_into(model, remapped, f"model <- {path}", allow_missing=allow)
+
+
+def untrained_parts(model: nn.Module, sources: Mapping[str, str | None]) -> list[str]:
+    """What a model built from its config alone starts with at random: each encoder whose config names no
+    weights (``sources``, from ``model.pretrained_sources``), and the new heads, which no pretrained file holds
+    (scalar temperatures excepted: they start from the config's value)."""
+    heads = {name.split(".")[0] for name, param in model.named_parameters()
+             if name in model.head_parameter_names() and param.dim() > 0}
+    return [name for name, path in sources.items() if not path] + sorted(heads)

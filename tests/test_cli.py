@@ -30,9 +30,18 @@ def without_timing(record: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def default_loader_config(tiny_config_path: Path) -> Path:
+    """The tiny config with the default loader settings (4 persistent workers), as a user runs it."""
+    path = tiny_config_path.with_name("tiny_default_loader.yaml")
+    lines = [line for line in tiny_config_path.read_text().splitlines() if not line.startswith("num_workers")]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(default_loader_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "nested" / "uninterrupted"
-    subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--dist", "cpu"),
+    subprocess.run(run_py("--config", str(default_loader_config), "--output_dir", str(out), "--dist", "cpu"),
                    check=True, cwd=ROOT, timeout=600)
     return out
 
@@ -54,18 +63,29 @@ def test_training_outputs(uninterrupted: Path) -> None:
     assert not list(uninterrupted.glob(".*.tmp"))
 
 
-def test_interrupted_run_resumes_as_if_never_stopped(uninterrupted: Path, tiny_config_path: Path,
-                                                     tmp_path: Path) -> None:
-    out = tmp_path / "interrupted"
-    command = run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--dist", "cpu")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def killed_mid_epoch(command: list[str], out: Path, epoch: int) -> None:
+    """Run ``command`` and SIGKILL it (and its loader workers) once epoch ``epoch`` has logged a step."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.time() + 300
-    while not (out / "checkpoint_last.pth").exists() and process.poll() is None and time.time() < deadline:
+    marker = f"Train Epoch: [{epoch}] [ 1/"
+    while process.poll() is None and time.time() < deadline:
+        if (out / "run.log").exists() and marker in (out / "run.log").read_text():
+            break
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_interrupted_run_resumes_as_if_never_stopped(uninterrupted: Path, default_loader_config: Path,
+                                                     tmp_path: Path) -> None:
+    """Killed in the middle of epoch 1 with the default loader (4 persistent workers), resumed: the same
+    log lines and bit-identical weights as the run that was never stopped."""
+    out = tmp_path / "interrupted"
+    command = run_py("--config", str(default_loader_config), "--output_dir", str(out), "--dist", "cpu")
+    killed_mid_epoch(command, out, epoch=1)
     stopped_at = torch.load(out / "checkpoint_last.pth", weights_only=True)["train_state"]["epoch"]
-    assert stopped_at < 3, "the run finished before it could be interrupted"
+    assert stopped_at == 1, "the run was not stopped in the middle of epoch 1"
 
     subprocess.run([*command, "--resume"], check=True, cwd=ROOT, timeout=600)
     resumed_epochs, resumed_summary = read_log(out)
@@ -78,10 +98,10 @@ def test_interrupted_run_resumes_as_if_never_stopped(uninterrupted: Path, tiny_c
         assert torch.equal(a["model"][key], value), key
 
 
-def test_evaluate_reproduces_the_logged_test_score(uninterrupted: Path, tiny_config_path: Path,
+def test_evaluate_reproduces_the_logged_test_score(uninterrupted: Path, default_loader_config: Path,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    subprocess.run(run_py("--config", str(tiny_config_path), "--output_dir", str(out), "--evaluate",
+    subprocess.run(run_py("--config", str(default_loader_config), "--output_dir", str(out), "--evaluate",
                           "--checkpoint", str(uninterrupted / "checkpoint_best.pth")), check=True, cwd=ROOT, timeout=600)
     result = json.loads((out / "eval_results.json").read_text())
     _, summary = read_log(uninterrupted)

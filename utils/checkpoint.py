@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ CHECKPOINT_VERSION = 1
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path`` (atomic on POSIX)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
@@ -31,10 +32,30 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`save_atomic` writes before the rename: ``.NAME.PID.tmp`` beside ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process left in ``folder`` (those of this
+    process excepted); returns what was removed."""
+    removed = []
+    for candidate in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.match(candidate.name)
+        if match and int(match.group(1)) != os.getpid() and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     """Readers see the old file or the whole new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -76,12 +76,25 @@ _CAPTION_WEIGHT: Section = {
     "low": Key((float,), 0.95, "weight of short captions (short_low) or the lower clip bound (clip)"),
 }
 
+_IMAGE_DECODE: Section = {
+    "scale": Key((str,), "depth", "how samples that are not uint8 become 0..255: depth = value / value_max; "
+                 "percentile = each band's low/high percentile to 0/255; then clipped and rounded",
+                 choices=("depth", "percentile")),
+    "value_max": Key((float,), None, "depth: the value that becomes 255 (default: the integer dtype's maximum, "
+                     "e.g. 65535 for uint16; 1 for floats)"),
+    "percentiles": Key((list,), [2.0, 98.0], "percentile: [low, high] percentiles of each band (NaN ignored) that "
+                       "become 0 and 255; a constant band becomes 0"),
+    "bands": Key((list,), None, "1 or 3 band numbers, counted from 1, read as grey or RGB; default: band 1 of "
+                 "1 or 2 bands (grey, grey + alpha) as grey, else bands 1, 2, 3"),
+}
+
 SCHEMA: Section = {
     # --- data
     "train_file": Key((list,), doc="train JSON file(s), one entry per caption; concatenated", is_path=True),
     "val_file": Key((str,), doc="val JSON, one entry per image with its captions", is_path=True),
     "test_file": Key((str,), doc="test JSON, one entry per image with its captions", is_path=True),
     "image_root": Key((str,), doc="folder joined to each entry's `image`", is_path=True),
+    "image_decode": Key((dict,), {}, "how 16-bit, float and multi-band images become 8-bit RGB (see its keys)"),
     "synthetic_data": Key((dict,), None, "if set, generate the procedural demo dataset first (see its keys)"),
     "dataset_kind": Key((str,), "re", "train augmentation pipeline: re = crop + flip (X-VLM); re_rsitmd adds "
                         "RandAugment; re_rsicd/re_ucm/re_sydney add blur, RandAugment, erasing and GridMask",
@@ -95,6 +108,8 @@ SCHEMA: Section = {
     "num_workers": Key((int,), 4, "data-loader worker processes per training process"),
     "pin_memory": Key((bool,), True, "pin host memory for faster GPU copies"),
     "persistent_workers": Key((bool,), True, "keep loader workers alive between epochs"),
+    "check_images": Key((bool,), True, "decode every image of every split once before training or evaluation "
+                        "starts (in parallel, num_workers processes), so a bad file stops the run at once"),
     # --- model
     "model": Key((str,), None, "registered model name (models.list_models()); when absent, fisvl for FISVL's "
                   "YAMLs (use_scene_loss: true), else swin_bert_cl"),
@@ -155,6 +170,9 @@ SCHEMA: Section = {
     "schedular": Key((dict,), doc="warm-up + decay schedule (see its keys); `scheduler` is accepted too"),
     "precision": Key((str,), "fp32", "fp32, or autocast amp_bf16 / amp_fp16", choices=("fp32", "amp_bf16", "amp_fp16")),
     "grad_clip": Key((float,), 0.0, "clip the gradient norm to this value (0 = off)"),
+    "nan_policy": Key((str,), "stop", "a step whose loss or gradient is NaN/inf: stop the run with a message naming "
+                      "epoch, step and loss terms, or skip the update and count it", choices=("stop", "skip")),
+    "nan_skip_limit": Key((int,), 10, "nan_policy skip: stop once more than this many steps of the run were skipped"),
     # --- evaluation, selection and logging
     "select_on": Key((str,), "val", "split whose r_mean picks checkpoint_best.pth", choices=("val", "test")),
     "eval_test_every_epoch": Key((bool,), True, "also evaluate test each epoch (logged, never used to select)"),
@@ -175,7 +193,7 @@ SCHEMA: Section = {
 }
 
 _SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULER, "synthetic_data": _SYNTHETIC_DATA,
-                                  "caption_weight": _CAPTION_WEIGHT}
+                                  "caption_weight": _CAPTION_WEIGHT, "image_decode": _IMAGE_DECODE}
 _ALIASES = {"scheduler": "schedular"}
 
 

@@ -110,6 +110,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / get_world_size()
 
 
+def all_true(flag: torch.Tensor) -> bool:
+    """Whether a boolean scalar is true on every process (a MIN reduction)."""
+    if not is_initialized():
+        return bool(flag)
+    value = flag.detach().to(torch.int32).reshape(1).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def all_gather_object(obj: object) -> list[object]:
     """Every process's ``obj``, in rank order (e.g. RNG states for a checkpoint)."""
     if not is_initialized():

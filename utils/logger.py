@@ -28,6 +28,20 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def log_failure(err: BaseException) -> None:
+    """Write the error that stops a run, with its traceback, to ``run.log`` (the console already gets it
+    from Python), so the run folder says why the run ended."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else "stopped by an error"
+    record = logging.getLogger("retrieval").makeRecord("retrieval", logging.ERROR, __file__, 0,
+                                                       f"the run {what}: {type(err).__name__}: {err}", (),
+                                                       (type(err), err, err.__traceback__))
+    for handler in files:
+        handler.handle(record)
+
+
 def max_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
