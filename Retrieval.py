@@ -1,6 +1,6 @@
 """Training and evaluation worker (X-VLM's ``Retrieval.py``): one process, or one of several under torchrun.
 
-    python Retrieval.py --config configs/demo.yaml --output_dir output/demo [key.sub=value ...]
+    python Retrieval.py --config configs/demo_fisvl.yaml --output_dir output/demo [key.sub=value ...]
     python Retrieval.py --config C --output_dir O --evaluate --checkpoint O/checkpoint_best.pth
 
 Each epoch trains, evaluates val (and test), keeps ``checkpoint_best.pth`` by val ``r_mean`` and writes
@@ -24,18 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils.distributed as dist_utils
 from dataset import EvalSplit, check_split_images, create_eval_split, create_train_loader, prepare_synthetic_data
-from dataset.tokenizer import build_tokenizer
-from models import build_model
+from models import RetrievalModel, build_model
 from models.loading import initialise_from_checkpoint, load_for_evaluation, untrained_parts
-from models.objective import build_objective
+from models.evaluation import evaluate_split
+from models.inference import checkpoint_payload
+from models.objective import RetrievalObjective, build_objective
 from models.task import RetrievalTask
 from optim import create_optimizer
 from scheduler import StageSchedule, create_scheduler, parse_stages
 from utils.cli import add_run_arguments, parse_run_arguments
-from utils.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, remove_stale_temporaries, rng_state, save_atomic,
-                              set_rng_state, write_text_atomic)
+from utils.checkpoint import (load_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state,
+                              write_text_atomic)
 from utils.config import dump_config, load_config
-from utils.evaluation import evaluate_split
 from utils.finite import NonFiniteError, describe_step, grad_norm, non_finite_tensors, step_is_finite
 from utils.logger import Progress, TensorBoard, log_failure, max_memory_mb, setup_logging
 from utils.metrics import METRIC_KEYS, chance_metrics
@@ -89,8 +89,10 @@ def resolve_device(requested: str, info: dist_utils.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of a batch (nested dicts too: a text processor's output) on ``device``."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def metric_row(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -175,10 +177,13 @@ def train_one_epoch(task: nn.Module, loader: torch.utils.data.DataLoader, optimi
     return stats
 
 
-def model_state(model: nn.Module, config: dict[str, Any], epoch: int, metric: float, selected_on: str) -> dict[str, Any]:
-    """The released-checkpoint layout (``model`` + ``config``) plus provenance; PIR/FISVL loaders accept it."""
-    return {"model": model.state_dict(), "config": config, "epoch": epoch, "metric": metric,
-            "selected_on": selected_on, "version": CHECKPOINT_VERSION}
+def model_state(model: RetrievalModel, objective: RetrievalObjective, config: dict[str, Any], epoch: int,
+                metric: float, selected_on: str) -> dict[str, Any]:
+    """A self-contained checkpoint (``models.load_retriever`` rebuilds the model from it alone) in the
+    released layout (``model`` + ``config``, which PIR/FISVL loaders accept), plus the losses' own parameters
+    (the affiliation temperature) and provenance."""
+    return {**checkpoint_payload(model, config), "objective": objective.state_dict(), "epoch": epoch,
+            "metric": metric, "selected_on": selected_on}
 
 
 def write_log(output_dir: Path, history: list[dict[str, Any]], footer: list[str] = ()) -> None:
@@ -246,15 +251,14 @@ def evaluated_weights(args: argparse.Namespace, config: dict[str, Any], model: n
             "random_parts": random}
 
 
-def evaluate_only(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, device: torch.device,
-                  output_dir: Path, info: dist_utils.DistInfo, start_from: str | None) -> dict[str, float]:
+def evaluate_only(args: argparse.Namespace, config: dict[str, Any], device: torch.device, output_dir: Path,
+                  info: dist_utils.DistInfo, start_from: str | None) -> dict[str, float]:
     problems = check_split_images(config, [args.split])
     model = build_model(config, pretrained=False).to(device)
-    check_vocabulary(tokenizer, model, config)
     weights = evaluated_weights(args, config, model, start_from)
-    split = create_eval_split(config, args.split, device, problems)
+    split = create_eval_split(config, args.split, device, model.eval_transform, problems)
     claim_run_folder(output_dir, config, info)
-    metrics = evaluate_split(model, split, tokenizer, config, device)
+    metrics = evaluate_split(model, split, config, device)
     if info.is_main:
         chance = chance_metrics(split.annotations.img2txt, len(split.annotations.texts))
         result = {"split": args.split, **weights, **{k: metrics[k] for k in METRIC_KEYS},
@@ -266,12 +270,13 @@ def evaluate_only(args: argparse.Namespace, config: dict[str, Any], tokenizer: A
     return metrics
 
 
-def resume_training(saved: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def resume_training(saved: dict[str, Any], path: Path, task: RetrievalTask, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, stages: StageSchedule,
                     info: dist_utils.DistInfo) -> TrainState:
     """Restore everything ``checkpoint_last.pth`` holds; a checkpoint that does not fit says so by name."""
     try:
-        model.load_state_dict(saved["model"])
+        task.model.load_state_dict(saved["model"])
+        task.objective.load_state_dict(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -297,34 +302,38 @@ def check_finite_model(model: nn.Module, optimizer: torch.optim.Optimizer, epoch
                              f"{', ...' if len(bad) > 5 else ''}); nothing of this epoch is saved: {kept}")
 
 
-def train(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, device: torch.device,
-          output_dir: Path, info: dist_utils.DistInfo, start_from: str | None) -> TrainState:
+def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device, output_dir: Path,
+          info: dist_utils.DistInfo, start_from: str | None) -> TrainState:
     """The epoch loop: train, evaluate, select on val, checkpoint; resumable at every epoch boundary."""
     saved = load_checkpoint(resume_path(args.resume, output_dir)) if args.resume else None
     problems = check_split_images(config, ("train", "val", "test"))
     model = build_model(config, pretrained=start_from is None and not args.resume).to(device)
-    check_vocabulary(tokenizer, model, config)
     if start_from is not None:
         initialise_from_checkpoint(model, start_from, config)
-    task = RetrievalTask(model, build_objective(config)).to(device)
-    train_loader = create_train_loader(config, tokenizer, info, args.seed, device, problems)
-    optimizer = create_optimizer(config["optimizer"], model)
+    stages = StageSchedule(parse_stages(config), config["stage_patience"], config["schedular"]["epochs"])
+    task = RetrievalTask(model, build_objective(config, stages.stages)).to(device)
+    train_loader = create_train_loader(config, info, args.seed, device, transform=model.train_transform,
+                                       text_processor=model.text_processor, fields=task.sample_fields,
+                                       decode_problems=problems)
+    optimizer = create_optimizer(config["optimizer"], model, task.objective)
     scheduler = create_scheduler(config["schedular"], optimizer, len(train_loader))
     scaler = grad_scaler(config["precision"], device)
-    stages = StageSchedule(parse_stages(config), config["stage_patience"], config["schedular"]["epochs"])
     state = TrainState()
     if saved is not None:
-        state = resume_training(saved, resume_path(args.resume, output_dir), model, optimizer, scheduler, scaler,
+        state = resume_training(saved, resume_path(args.resume, output_dir), task, optimizer, scheduler, scaler,
                                 stages, info)
-    splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device, problems) for s in ("val", "test")}
+    splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device, model.eval_transform, problems)
+                                    for s in ("val", "test")}
     claim_run_folder(output_dir, config, info)
     if saved is not None and info.is_main:  # drop log lines of an epoch that ran after the checkpoint
         complete = state.epoch == config["schedular"]["epochs"]
         write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
     wrapped: nn.Module = task
     if info.distributed:
+        # a loss that owns parameters (the affiliation temperature) and is off in some stage leaves them unused
+        unused = any(stages.varies(name) for name, loss in task.objective.losses.items() if any(loss.parameters()))
         wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=stages.varies("affil"))  # owns temp2
+                                          find_unused_parameters=unused)
     board = TensorBoard(output_dir / "tensorboard" if info.is_main else None, purge_step=state.epoch)
     epochs = config["schedular"]["epochs"]
     log.info("training %d epochs x %d steps, global batch %d, on %s x %d", epochs, len(train_loader),
@@ -339,16 +348,16 @@ def train(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, devi
         task.objective.set_stage(stage)
         record: dict[str, Any] = train_one_epoch(wrapped, train_loader, optimizer, scheduler, scaler, epoch, config,
                                                  device, state)
-        check_finite_model(model, optimizer, epoch, state)
+        check_finite_model(task, optimizer, epoch, state)
         record.update(stage=stages.index, stage_name=stage.name)
-        evaluated = {"val": evaluate_split(model, splits["val"], tokenizer, config, device)}
+        evaluated = {"val": evaluate_split(model, splits["val"], config, device)}
         stages.observe(epoch, evaluated["val"]["r_mean"])
         if config["eval_test_every_epoch"] or config["select_on"] == "test":
-            evaluated["test"] = evaluate_split(model, splits["test"], tokenizer, config, device)
+            evaluated["test"] = evaluate_split(model, splits["test"], config, device)
         metric = evaluated[config["select_on"]]["r_mean"]
         improved = metric > state.best_metric
         if improved and "test" not in evaluated:  # the selected checkpoint always has its test score
-            evaluated["test"] = evaluate_split(model, splits["test"], tokenizer, config, device)
+            evaluated["test"] = evaluate_split(model, splits["test"], config, device)
         for split_name, metrics in evaluated.items():
             record.update(metric_row(split_name, metrics))
         record["epoch"] = epoch
@@ -359,9 +368,9 @@ def train(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, devi
         rngs = dist_utils.all_gather_object(rng_state())
         if info.is_main:
             if improved:
-                save_atomic(model_state(model, config, epoch, metric, config["select_on"]),
+                save_atomic(model_state(model, task.objective, config, epoch, metric, config["select_on"]),
                             output_dir / "checkpoint_best.pth")
-            last = model_state(model, config, epoch, metric, config["select_on"])
+            last = model_state(model, task.objective, config, epoch, metric, config["select_on"])
             last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), stage_schedule=stages.state_dict(), train_state=vars(state),
                         rng=rngs)
@@ -384,14 +393,6 @@ def train(args: argparse.Namespace, config: dict[str, Any], tokenizer: Any, devi
     return state
 
 
-def check_vocabulary(tokenizer: Any, model: nn.Module, config: dict[str, Any]) -> None:
-    """Token ids must fit the text encoder's embedding table."""
-    size = model.text_encoder.config.vocab_size
-    if tokenizer.vocab_size > size:
-        raise ValueError(f"{config['text_encoder']}/vocab.txt has {tokenizer.vocab_size} tokens but "
-                         f"{config['text_config']} sets vocab_size {size}")
-
-
 def run(args: argparse.Namespace, config: dict[str, Any], output_dir: Path, device: torch.device,
         info: dist_utils.DistInfo) -> dict[str, Any]:
     if args.bs > 0:
@@ -400,11 +401,10 @@ def run(args: argparse.Namespace, config: dict[str, Any], output_dir: Path, devi
         config["batch_size_train"] = args.bs // info.world_size
     seed_everything(args.seed + info.rank)
     prepare_synthetic_data(config, info)
-    tokenizer = build_tokenizer(config["text_encoder"])
     start_from = None if args.checkpoint.strip().lower() in NO_CHECKPOINT else args.checkpoint
     if args.evaluate:
-        return {"metrics": evaluate_only(args, config, tokenizer, device, output_dir, info, start_from)}
-    return {"state": train(args, config, tokenizer, device, output_dir, info, start_from)}
+        return {"metrics": evaluate_only(args, config, device, output_dir, info, start_from)}
+    return {"state": train(args, config, device, output_dir, info, start_from)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from models import get_loss, list_losses
+from models.objective import Stage
 from utils.config import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,9 @@ def create_scheduler(sched_config: dict[str, Any], optimizer: torch.optim.Optimi
 
 # --- The value-guided stage schedule (FISVL's VGLF): which losses, with which weights, in which epochs.
 
-LOSS_TERMS = ("contr", "affil", "scene")
 _STAGE_KEYS = ("name", "start_epoch", "losses", "caption_weights")
 _LEGACY_LOSS_KEYS = ("use_affil_loss", "center_factor", "use_scene_loss", "scene_factor")
 PUBLISHED_STAGE2_START = 10  # FISVL hard-codes the switch at epoch 10 of 20
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A span of epochs from ``start_epoch`` with its loss terms and weights.
-
-    ``caption_weights`` turns ``contr`` into the weighted contrastive loss (each caption's logits scaled
-    by its weight).
-    """
-
-    name: str
-    start_epoch: int
-    losses: dict[str, float]
-    caption_weights: bool = False
-
-    def describe(self) -> str:
-        terms = [f"{'weighted ' if name == 'contr' and self.caption_weights else ''}{name} x {weight:g}"
-                 for name, weight in self.losses.items()]
-        return f"stage '{self.name}' from epoch {self.start_epoch}: " + " + ".join(terms)
 
 
 def legacy_stages(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,11 +74,11 @@ def _parse_stage(raw: Any, index: int, source: str) -> Stage:
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ConfigError(f"{where}.start_epoch: expected an epoch number >= 0, got {start!r}")
     if not isinstance(losses, dict) or not losses:
-        raise ConfigError(f"{where}.losses: expected a mapping of loss terms {list(LOSS_TERMS)} to weights")
+        raise ConfigError(f"{where}.losses: expected a mapping of registered losses {list_losses()} to weights")
     for name, weight in losses.items():
-        if name not in LOSS_TERMS:
-            raise ConfigError(f"{where}.losses: unknown loss '{name}'{did_you_mean(str(name), LOSS_TERMS)}; "
-                              f"known: {list(LOSS_TERMS)}")
+        if name not in list_losses():
+            raise ConfigError(f"{where}.losses: unknown loss '{name}'{did_you_mean(str(name), list_losses())}; "
+                              f"registered: {list_losses()}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"{where}.losses.{name}: expected a weight >= 0, got {weight!r}")
     caption_weights = raw.get("caption_weights", False)
@@ -123,16 +104,9 @@ def parse_stages(config: dict[str, Any], source: str = "config") -> list[Stage]:
         if after.start_epoch <= before.start_epoch:
             raise ConfigError(f"{source}: stage '{after.name}' starts at epoch {after.start_epoch}, not after "
                               f"stage '{before.name}' (epoch {before.start_epoch})")
-    if any("scene" in s.losses for s in stages):
-        missing = [key for key in ("alpha_m", "beta1", "beta2") if config[key] is None]
-        if missing:
-            raise ConfigError(f"{source}: the scene loss needs {missing}")
+    for name in dict.fromkeys(name for stage in stages for name in stage.losses):
+        get_loss(name).check_config(config, source)
     return stages
-
-
-def loss_terms(config: dict[str, Any]) -> set[str]:
-    """Every loss term some stage uses (each is computed and logged in every epoch)."""
-    return {name for stage in parse_stages(config) for name in stage.losses}
 
 
 class StageSchedule:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -15,7 +15,6 @@ from .image_check import check_split_images
 from .images import ImageDecoding
 from .re_dataset import EvalImageDataset, RetrievalTrainDataset, TrainCollator
 from .samplers import SeededShardSampler
-from .transforms import test_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,13 @@ def _loader_options(config: dict[str, Any], device: torch.device, seed: int) -> 
             "generator": torch.Generator().manual_seed(seed)}
 
 
-def create_train_loader(config: dict[str, Any], tokenizer: Any, info: DistInfo, seed: int,
-                        device: torch.device, decode_problems: Mapping[str, str] | None = None) -> DataLoader:
+def create_train_loader(config: dict[str, Any], info: DistInfo, seed: int, device: torch.device, *,
+                        transform: Callable, text_processor: Callable, fields: Iterable[str] = ("image_idx",),
+                        decode_problems: Mapping[str, str] | None = None) -> DataLoader:
     """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e.
 
-    ``decode_problems`` are the results of :func:`check_split_images` (images that do not decode).
+    ``transform`` and ``text_processor`` are the model's; ``fields`` the per-sample fields the model and the
+    losses declared; ``decode_problems`` the results of :func:`check_split_images`.
     """
     ann = load_train_annotations(config["train_file"], config["image_root"], config["max_words"],
                                  config["skip_bad_samples"], config["caption_weight"], decode_problems)
@@ -69,25 +70,25 @@ def create_train_loader(config: dict[str, Any], tokenizer: Any, info: DistInfo, 
              len(set(ann.labels)))
     log.info("train: caption weights from %s", ann.weight_source)
     log.info("train: augmentation '%s', word deletion rate %g", config["dataset_kind"], config["deletion_rate"])
-    dataset = RetrievalTrainDataset(ann, train_transform(config), config["deletion_rate"],
-                                    ImageDecoding.from_config(config["image_decode"]))
+    dataset = RetrievalTrainDataset(ann, transform, config["deletion_rate"],
+                                    ImageDecoding.from_config(config["image_decode"]), fields)
     sampler = SeededShardSampler(len(dataset), seed, info.rank, info.world_size)
     if len(sampler) < config["batch_size_train"]:
         raise DataError(f"batch_size_train {config['batch_size_train']} exceeds the {len(sampler)} training "
                         f"captions each process gets")
     return DataLoader(dataset, batch_size=config["batch_size_train"], sampler=sampler, drop_last=True,
-                      collate_fn=TrainCollator(tokenizer, config["max_tokens"]),
-                      **_loader_options(config, device, seed + info.rank))
+                      collate_fn=TrainCollator(text_processor), **_loader_options(config, device, seed + info.rank))
 
 
-def create_eval_split(config: dict[str, Any], split: str, device: torch.device,
+def create_eval_split(config: dict[str, Any], split: str, device: torch.device, transform: Callable,
                       decode_problems: Mapping[str, str] | None = None) -> EvalSplit:
-    """Annotations of ``val`` or ``test`` and a loader over this process's contiguous shard of images."""
+    """Annotations of ``val`` or ``test`` and a loader over this process's contiguous shard of images,
+    transformed by the model's ``transform``."""
     ann = load_eval_annotations(config[f"{split}_file"], config["image_root"], config["max_words"],
                                 config["skip_bad_samples"], decode_problems)
     if ann.skipped:
         log.warning("%s: skipped %d images that are missing or unreadable (with their captions)", split, ann.skipped)
-    shard = EvalImageDataset(ann, test_transform(config), shard_range(len(ann.image_paths)),
+    shard = EvalImageDataset(ann, transform, shard_range(len(ann.image_paths)),
                              ImageDecoding.from_config(config["image_decode"]))
     options = _loader_options(config, device, seed=0)
     options["persistent_workers"] = False

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,18 +39,23 @@ def _load(path: str, where: str, decoding: ImageDecoding | None):
 class RetrievalTrainDataset(Dataset):
     """Items are ``(index, sample_seed)`` keys from :class:`SeededShardSampler`, or plain indices.
 
-    The image augmentation and the caption's random word deletion both draw from generators seeded by
-    the sample seed, so an item is a pure function of its key.
+    An item is a dict: ``image``, ``caption`` and the requested ``fields`` (:data:`SAMPLE_FIELDS`). The image
+    augmentation and the caption's random word deletion both draw from generators seeded by the sample
+    seed, so an item is a pure function of its key.
     """
 
     def __init__(self, annotations: TrainAnnotations, transform: Callable, deletion_rate: float = 0.0,
-                 decoding: ImageDecoding | None = None) -> None:
+                 decoding: ImageDecoding | None = None, fields: Iterable[str] = ("image_idx",)) -> None:
         if not 0.0 <= deletion_rate <= 1.0:
             raise ValueError(f"deletion_rate must be in [0, 1], got {deletion_rate}")
+        unknown = [f for f in fields if f not in SAMPLE_FIELDS]
+        if unknown:
+            raise DataError(f"no data provides the sample field(s) {unknown}; known: {sorted(SAMPLE_FIELDS)}")
         self.ann = annotations
         self.transform = transform
         self.deletion_rate = deletion_rate
         self.decoding = decoding
+        self.fields = tuple(fields)
 
     def __len__(self) -> int:
         return len(self.ann.captions)
@@ -61,25 +66,33 @@ class RetrievalTrainDataset(Dataset):
         with seeded_rng(seed):
             pixels = self.transform(image)
             caption = delete_words(self.ann.captions[index], self.deletion_rate)  # after the image: same crops
-        return {"image": pixels, "caption": caption, "image_idx": self.ann.image_index[index],
-                "label": self.ann.labels[index], "caption_weight": self.ann.caption_weights[index]}
+        return {"image": pixels, "caption": caption,
+                **{name: SAMPLE_FIELDS[name](self.ann, index) for name in self.fields}}
+
+
+# Per-sample fields the training data can carry, by name: what models and losses may declare.
+SAMPLE_FIELDS: dict[str, Callable[[TrainAnnotations, int], Any]] = {
+    "image_idx": lambda ann, i: ann.image_index[i],
+    "label": lambda ann, i: ann.labels[i],
+    "caption_weight": lambda ann, i: ann.caption_weights[i],
+}
 
 
 class TrainCollator:
-    """Stacks images and tokenises the batch's captions, padded to the longest; caption weights as float32."""
+    """Stacks images, runs the model's text processor on the captions (``text``) and stacks every other
+    field into a tensor (floats as float32)."""
 
-    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
+    def __init__(self, text_processor: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+        self.text_processor = text_processor
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        text = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
-                              max_length=self.max_tokens, return_tensors="pt")
-        return {"images": torch.stack([item["image"] for item in items]),
-                "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
-                "image_idx": torch.tensor([item["image_idx"] for item in items]),
-                "label": torch.tensor([item["label"] for item in items]),
-                "caption_weight": torch.tensor([item["caption_weight"] for item in items], dtype=torch.float32)}
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"images": torch.stack([item["image"] for item in items]),
+                                 "text": self.text_processor([item["caption"] for item in items])}
+        for name in items[0].keys() - {"image", "caption"}:
+            values = [item[name] for item in items]
+            batch[name] = (torch.stack(values) if isinstance(values[0], torch.Tensor) else
+                           torch.tensor(values, dtype=torch.float32 if isinstance(values[0], float) else None))
+        return batch
 
 
 class EvalImageDataset(Dataset):

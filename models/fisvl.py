@@ -20,22 +20,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.config import Key, register_keys
 from utils.weights import Remapped, StateDict, WeightsError, patterns_under, with_prefix
 
 from ._registry import register_model
 from .dual_encoder import DualEncoder, random_init
 from .encoders.resnet import PriorCNN
 from .fusion import SFGS, GraphReasoning
+from .text import TextProcessor
 
 log = logging.getLogger(__name__)
+
+register_keys("FISVL (fisvl)", {
+    "fgis": Key((bool,), True, "FISVL: fuse CNN global/local tokens with the Swin tokens by graph reasoning"),
+    "conv_arch": Key((str,), "resnet50", "FISVL/PIR prior CNN (torchvision layout)",
+                     choices=("resnet18", "resnet34", "resnet50")),
+    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR; torchvision layout, e.g. RSP's ResNet-50)",
+                       is_path=True),
+    "finetune_conv": Key((bool,), False, "train the prior CNN (FISVL/PIR keep it frozen)"),
+    "conv_bn_train_mode": Key((bool,), True, "frozen CNN's BatchNorm in train mode, so batch statistics are used "
+                              "and running statistics drift (as published); false = eval mode"),
+    "sfgs": Key((str,), "frozen", "FISVL's SFGS token: frozen (as published: random and never trained), "
+                "trainable, or off", choices=("frozen", "trainable", "off")),
+    "img_gcn_step": Key((int,), 2, "FISVL: graph-reasoning steps over the image nodes"),
+    "dropout_r": Key((float,), 0.2, "dropout of the fusion blocks (FISVL/PIR)"),
+})
 
 
 class FISVL(DualEncoder):
     """Ablation switches: ``fgis`` (the whole fusion), ``sfgs`` (frozen / trainable / off), ``img_gcn_step``,
     ``finetune_conv`` and ``conv_bn_train_mode`` (the frozen CNN's BatchNorm as published, or in eval mode)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
+    encoder_names = ("vision_encoder", "text_encoder", "conv_encoder")
+
+    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None) -> None:
+        super().__init__(config, text_processor)
         self.use_fgis = config["fgis"]
         if not self.use_fgis:
             return
@@ -84,10 +103,6 @@ class FISVL(DualEncoder):
             nodes = step(nodes)
         fused = nodes[:, len(prior)]  # the Swin pooled-token node
         return F.normalize(pooled + self.fgis_dropout(self.head_img(fused)), dim=-1)
-
-    def head_parameter_names(self) -> set[str]:
-        """New parameters: everything outside the pretrained Swin, BERT and CNN."""
-        return {n for n in super().head_parameter_names() if not n.startswith("conv_encoder.")}
 
     def encoders(self) -> dict[str, nn.Module]:
         return {**super().encoders(), "conv_encoder": self.conv_encoder} if self.use_fgis else super().encoders()
@@ -149,6 +164,6 @@ def remap_released_sfgs(state: StateDict) -> StateDict:
 
 
 @register_model("fisvl")
-def fisvl(config: dict[str, Any]) -> FISVL:
+def fisvl(config: dict[str, Any], text_processor: TextProcessor | None = None) -> FISVL:
     """The paper's model; the paper's losses and stages come from the config."""
-    return FISVL(config)
+    return FISVL(config, text_processor)

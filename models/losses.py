@@ -1,13 +1,21 @@
-"""Retrieval losses as pure, vectorised functions of already-gathered, L2-normalised features.
+"""Retrieval losses as pure, vectorised functions of already-gathered, L2-normalised features, and the
+registered loss modules that stages name (at the end of this file).
 
 Each training item is one (image, caption) pair; ``image_ids`` says which pairs share an image.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from utils.config import ConfigError, Key, register_keys
+
+from ._registry import register_loss
 
 SOFT_TARGET_EPS = 6e-5
 
@@ -131,3 +139,121 @@ def scene_adaptive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image
         weights = torch.where(same_scene, probs.new_tensor(intra), probs.new_tensor(inter))
         total = total + (probs * weights).sum(1).mean()
     return total / 2
+
+
+# --- The registered loss modules: what a stage's ``losses`` name. Each declares its config keys, the batch
+# fields it needs beyond ``image_idx`` and the parameters it owns, and calls its pure function above.
+
+
+@dataclass
+class LossInputs:
+    """What a loss sees: features gathered from every process, the batch fields the losses declared (also
+    gathered; ``image_idx`` always), the model's other outputs (``temp``), this process's query rows
+    (``None`` = all), the per-process batch, the epoch and whether the stage weights captions."""
+
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    fields: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor]
+    rows: slice | None
+    local_batch: int
+    epoch: int
+    caption_weights: bool = False
+
+
+class RetrievalLoss(nn.Module):
+    """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads."""
+
+    name: ClassVar[str]
+    sample_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], source: str) -> None:
+        """Fail early, before any data or model is built, when a key this loss needs is not set."""
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+register_keys("Loss: contr (contrastive)", {
+    "soft_target_eps": Key((float,), 6e-5, "mass added to every target of the multi-positive contrastive loss "
+                           "(and of the affiliation and scene losses' softmaxes)"),
+})
+
+
+@register_loss
+class ContrastiveLoss(RetrievalLoss):
+    """Symmetric multi-positive InfoNCE at the model's temperature ``temp``; a stage with
+    ``caption_weights: true`` makes it the weighted contrastive loss."""
+
+    name = "contr"
+    sample_fields = ("caption_weight",)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.eps = config["soft_target_eps"]
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        weights = inputs.fields["caption_weight"].to(inputs.image_feat.dtype) if inputs.caption_weights else None
+        return contrastive_loss(inputs.image_feat, inputs.text_feat, inputs.fields["image_idx"],
+                                inputs.features["temp"], weights, self.eps, inputs.rows)
+
+
+register_keys("Loss: affil (affiliation)", {
+    "temp2": Key((float,), 0.07, "initial affiliation temperature (learnable, owned by the affiliation loss)"),
+    "affil_symmetric": Key((bool,), False, "affiliation loss: intended form (text vs image centres) instead of the "
+                           "published transpose"),
+    "affil_center_chunk": Key((int,), 0, "affiliation centres over chunks of this many rows of the global batch "
+                              "(0 = each process's batch, as published)"),
+})
+
+
+@register_loss
+class AffiliationLoss(RetrievalLoss):
+    """PIR/FISVL's scene-centre loss; it owns its learnable temperature (PIR's ``temp2``)."""
+
+    name = "affil"
+    sample_fields = ("label",)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.temp = nn.Parameter(torch.tensor(float(config["temp2"])))
+        self.eps, self.chunk = config["soft_target_eps"], config["affil_center_chunk"]
+        self.symmetric = config["affil_symmetric"]
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return affiliation_loss(inputs.image_feat, inputs.text_feat, inputs.fields["label"], self.temp, self.eps,
+                                self.chunk or inputs.local_batch, self.symmetric, inputs.rows)
+
+
+register_keys("Loss: scene (scene-adaptive)", {
+    "scene_mode": Key((str,), "published", "scene-adaptive loss: published (no positive masking, integer "
+                      "weights) or intended", choices=("published", "intended")),
+    "alpha_m": Key((float,), None, "scene loss: softmax threshold on logits / temp (FISVL)"),
+    "beta1": Key((float,), None, "scene loss: inter-scene weight exp(beta1 * epoch) (FISVL)"),
+    "beta2": Key((float,), None, "scene loss: intra-scene weight exp(beta2 * epoch) (FISVL)"),
+})
+
+
+@register_loss
+class SceneAdaptiveLoss(RetrievalLoss):
+    """FISVL's scene-adaptive fine-grained perceptual loss at the model's temperature ``temp``."""
+
+    name = "scene"
+    sample_fields = ("label",)
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], source: str) -> None:
+        missing = [key for key in ("alpha_m", "beta1", "beta2") if config[key] is None]
+        if missing:
+            raise ConfigError(f"{source}: the scene loss needs {missing}")
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.mode, self.eps = config["scene_mode"], config["soft_target_eps"]
+        self.alpha_m, self.beta1, self.beta2 = config["alpha_m"], config["beta1"], config["beta2"]
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return scene_adaptive_loss(inputs.image_feat, inputs.text_feat, inputs.fields["image_idx"],
+                                   inputs.fields["label"], inputs.features["temp"], inputs.epoch, self.alpha_m,
+                                   self.beta1, self.beta2, self.mode, self.eps, inputs.rows)

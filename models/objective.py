@@ -1,16 +1,42 @@
-"""The training objective: gather features across processes, then apply the pure losses of ``losses.py``
-with the weights of the active stage (``scheduler.StageSchedule``)."""
+"""The training objective: gather features and the declared batch fields across processes once, then
+apply every registered loss the stages name, weighted by the active stage."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from scheduler import Stage, loss_terms
+from utils.config import Key, register_keys
 from utils.distributed import gather_features, get_rank, get_world_size
 
-from .losses import affiliation_loss, contrastive_loss, scene_adaptive_loss
+from ._registry import get_loss
+from .losses import LossInputs, RetrievalLoss
+
+register_keys("Objective (gathering across processes)", {
+    "gather_with_grad": Key((bool,), True, "all-gather features with gradients flowing back to every process"),
+    "local_loss": Key((bool,), True, "each process computes its own query rows against the gathered batch"),
+})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A span of epochs from ``start_epoch`` with its loss terms (registered loss names) and weights.
+
+    ``caption_weights`` turns ``contr`` into the weighted contrastive loss (each caption's logits scaled
+    by its weight).
+    """
+
+    name: str
+    start_epoch: int
+    losses: dict[str, float]
+    caption_weights: bool = False
+
+    def describe(self) -> str:
+        terms = [f"{'weighted ' if name == 'contr' and self.caption_weights else ''}{name} x {weight:g}"
+                 for name, weight in self.losses.items()]
+        return f"stage '{self.name}' from epoch {self.start_epoch}: " + " + ".join(terms)
 
 
 def local_rows(local_batch: int, gathered: int) -> slice | None:
@@ -32,50 +58,46 @@ class RetrievalObjective(nn.Module):
 
     ``local_loss`` (with ``gather_with_grad``) makes each process compute only its own query rows against
     the gathered batch: after DDP's gradient averaging the gradients equal those of one process holding
-    the whole batch. Affiliation centres are built per ``affil_center_chunk`` rows of the global batch, or
-    per process (0), as the published code builds them.
+    the whole batch.
     """
 
-    def __init__(self, terms: set[str], config: dict[str, Any]) -> None:
+    def __init__(self, losses: dict[str, RetrievalLoss], gather_with_grad: bool = True,
+                 local_loss: bool = True) -> None:
         super().__init__()
-        if config["local_loss"] and not config["gather_with_grad"]:
+        if local_loss and not gather_with_grad:
             raise ValueError("local_loss needs gather_with_grad: true (other processes' rows send gradients back)")
-        self.terms = [t for t in ("contr", "affil", "scene") if t in terms]
-        self.config = {k: config[k] for k in ("soft_target_eps", "gather_with_grad", "local_loss", "affil_symmetric",
-                                              "affil_center_chunk", "scene_mode", "alpha_m", "beta1", "beta2")}
-        self.stage = Stage("all", 0, {t: 1.0 for t in self.terms})
+        self.losses = nn.ModuleDict(losses)
+        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+        self.stage = Stage("all", 0, {name: 1.0 for name in losses})
+
+    @property
+    def sample_fields(self) -> tuple[str, ...]:
+        """The batch fields the losses read (``image_idx`` always)."""
+        fields = ["image_idx"] + [f for loss in self.losses.values() for f in loss.sample_fields]
+        return tuple(dict.fromkeys(fields))
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage
 
-    def forward(self, features: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+    def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any],
                 epoch: int) -> dict[str, torch.Tensor]:
-        cfg = self.config
         local_batch = features["image_feat"].shape[0]
-        image_feat = gather_features(features["image_feat"], cfg["gather_with_grad"])
-        text_feat = gather_features(features["text_feat"], cfg["gather_with_grad"])
-        image_ids = gather_features(batch["image_idx"], with_grad=False)
-        rows = local_rows(local_batch, image_feat.shape[0]) if cfg["local_loss"] else None
-        eps = cfg["soft_target_eps"]
-        labels = gather_features(batch["label"], with_grad=False) if {"affil", "scene"} & set(self.terms) else None
+        image_feat = gather_features(features["image_feat"], self.gather_with_grad)
+        text_feat = gather_features(features["text_feat"], self.gather_with_grad)
+        fields = {name: gather_features(batch[name], with_grad=False) for name in self.sample_fields}
+        rows = local_rows(local_batch, image_feat.shape[0]) if self.local_loss else None
+        inputs = LossInputs(image_feat, text_feat, fields, features, rows, local_batch, epoch,
+                            self.stage.caption_weights)
         losses: dict[str, torch.Tensor] = {}
-        for term in self.terms:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and term in self.stage.losses):
-                if term == "contr":
-                    weights = None
-                    if self.stage.caption_weights:
-                        weights = gather_features(batch["caption_weight"], with_grad=False).to(image_feat.dtype)
-                    value = contrastive_loss(image_feat, text_feat, image_ids, features["temp"], weights, eps, rows)
-                elif term == "affil":
-                    value = affiliation_loss(image_feat, text_feat, labels, features["temp2"], eps,
-                                             cfg["affil_center_chunk"] or local_batch, cfg["affil_symmetric"], rows)
-                else:
-                    value = scene_adaptive_loss(image_feat, text_feat, image_ids, labels, features["temp"], epoch,
-                                                cfg["alpha_m"], cfg["beta1"], cfg["beta2"], cfg["scene_mode"], eps, rows)
-            losses[f"loss_{term}"] = value
-        total = sum(weight * losses[f"loss_{term}"] for term, weight in self.stage.losses.items())
+        for name, loss in self.losses.items():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and name in self.stage.losses):
+                losses[f"loss_{name}"] = loss(inputs)
+        total = sum(weight * losses[f"loss_{name}"] for name, weight in self.stage.losses.items())
         return {"loss": total, **losses}
 
 
-def build_objective(config: dict[str, Any]) -> RetrievalObjective:
-    return RetrievalObjective(loss_terms(config), config)
+def build_objective(config: dict[str, Any], stages: Iterable[Stage]) -> RetrievalObjective:
+    """One module per loss that some stage names, in order of first appearance."""
+    names = dict.fromkeys(name for stage in stages for name in stage.losses)
+    return RetrievalObjective({name: get_loss(name)(config) for name in names}, config["gather_with_grad"],
+                              config["local_loss"])

@@ -1,18 +1,27 @@
 """A model and its objective in one module, so that DDP wraps both and the training loop stays generic."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from .base import RetrievalModel
+from .objective import RetrievalObjective
 
 
 class RetrievalTask(nn.Module):
     """``forward(batch, epoch)`` returns the named loss terms and their total under ``loss``."""
 
-    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+    def __init__(self, model: RetrievalModel, objective: RetrievalObjective) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        features = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        return self.objective(features, batch, epoch)
+    @property
+    def sample_fields(self) -> tuple[str, ...]:
+        """Every per-sample field the data pipeline must carry for the model and the losses."""
+        return tuple(dict.fromkeys([*self.model.sample_fields, *self.objective.sample_fields]))
+
+    def forward(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        return self.objective(self.model(batch), batch, epoch)

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 sys.path.insert(0, str(ROOT))
 
+import models  # noqa: E402,F401  (declares the models' and losses' config keys)
+
 TINY_SWIN = {"arch": "swin", "vision_width": 64, "image_res": 32, "window_size": 4, "embed_dim": 32,
              "depths": [1, 1], "num_heads": [1, 2], "drop_path_rate": 0.0}
 TINY_VIT = {"arch": "vit", "vision_width": 32, "image_res": 32, "patch_size": 8, "depth": 1, "num_heads": 2}

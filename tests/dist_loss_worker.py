@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,29 +17,30 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils.distributed as dist_utils  # noqa: E402
-from models.objective import RetrievalObjective  # noqa: E402
+from models import RetrievalModel, get_loss  # noqa: E402
+from models.objective import RetrievalObjective, Stage  # noqa: E402
 from models.task import RetrievalTask  # noqa: E402
-from scheduler import Stage  # noqa: E402
 
 GLOBAL_BATCH = 8
 IMAGE_IDS = [0, 0, 1, 2, 2, 3, 3, 3]  # positives cross the rank boundary (ids 2 and 3 sit on both halves)
 LABELS = [0, 0, 1, 0, 0, 1, 1, 1]  # scenes, also across the boundary
 CAPTION_WEIGHTS = [1.0, 0.95, 1.0, 1.0, 0.95, 1.0, 0.95, 1.0]
-LOSS_CONFIG = {"soft_target_eps": 6e-5, "affil_symmetric": False, "scene_mode": "published", "alpha_m": 2.0,
-               "beta1": -0.0015, "beta2": 0.02}
-# (terms, stage, local_loss, gather_with_grad); the 1-process run builds affiliation centres per 4 rows,
+LOSS_CONFIG = {"soft_target_eps": 6e-5, "temp2": 0.05, "affil_symmetric": False, "scene_mode": "published",
+               "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02}
+# (loss names, stage, local_loss, gather_with_grad); the 1-process run builds affiliation centres per 4 rows,
 # which is what each of 2 processes does with its own batch of 4 (affil_center_chunk 0).
+ALL_LOSSES = ("contr", "affil", "scene")
 CASES = {
-    "stage1 local": ({"contr", "affil", "scene"}, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), True, True),
-    "stage1 gathered": ({"contr", "affil", "scene"}, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}),
-                        False, True),
-    "stage2 weighted": ({"contr", "affil", "scene"}, Stage("s2", 10, {"contr": 1.0, "affil": 1.0}, True), True, True),
-    "xvlm gather": ({"contr"}, Stage("c", 0, {"contr": 1.0}), False, False),
+    "stage1 local": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), True, True),
+    "stage1 gathered": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), False, True),
+    "stage2 weighted": (ALL_LOSSES, Stage("s2", 10, {"contr": 1.0, "affil": 1.0}, True), True, True),
+    "xvlm gather": (("contr",), Stage("c", 0, {"contr": 1.0}), False, False),
 }
 
 
-class TwoTowers(nn.Module):
-    """Linear towers with the retrieval models' forward signature and a learnable temperature."""
+class TwoTowers(RetrievalModel):
+    """Linear towers with the retrieval models' interface (``forward(batch)``) and a learnable temperature;
+    the affiliation temperature belongs to the affiliation loss."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,27 +48,38 @@ class TwoTowers(nn.Module):
         self.image = nn.Linear(12, 6)
         self.text = nn.Linear(10, 6)
         self.temp = nn.Parameter(torch.tensor(0.07))
-        self.temp2 = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        return {"image_feat": F.normalize(self.image(images), dim=-1),
-                "text_feat": F.normalize(self.text(input_ids), dim=-1), "temp": self.temp, "temp2": self.temp2}
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.normalize(self.text(text["input_ids"]), dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {**super().forward(batch), "temp": self.temp}
 
 
-def one_step(terms: set[str], stage: Stage, local_loss: bool, gather_with_grad: bool) -> dict[str, torch.Tensor]:
+def shard(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """This process's rows of every tensor of a batch (the text dict too)."""
+    return {k: shard(v, rows) if isinstance(v, dict) else v[rows] for k, v in batch.items()}
+
+
+def one_step(names: tuple[str, ...], stage: Stage, local_loss: bool,
+             gather_with_grad: bool) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     batch = {"images": torch.randn(GLOBAL_BATCH, 12, generator=gen),
-             "input_ids": torch.randn(GLOBAL_BATCH, 10, generator=gen),
-             "attention_mask": torch.ones(GLOBAL_BATCH, 1), "image_idx": torch.tensor(IMAGE_IDS),
-             "label": torch.tensor(LABELS), "caption_weight": torch.tensor(CAPTION_WEIGHTS)}
+             "text": {"input_ids": torch.randn(GLOBAL_BATCH, 10, generator=gen),
+                      "attention_mask": torch.ones(GLOBAL_BATCH, 1)},
+             "image_idx": torch.tensor(IMAGE_IDS), "label": torch.tensor(LABELS),
+             "caption_weight": torch.tensor(CAPTION_WEIGHTS)}
     mine = dist_utils.shard_range(GLOBAL_BATCH)
-    batch = {k: v[mine.start:mine.stop] for k, v in batch.items()}
+    batch = shard(batch, slice(mine.start, mine.stop))
     chunk = 0 if dist_utils.is_initialized() else GLOBAL_BATCH // 2
-    objective = RetrievalObjective(terms, {**LOSS_CONFIG, "local_loss": local_loss, "gather_with_grad": gather_with_grad,
-                                           "affil_center_chunk": chunk})
+    config = {**LOSS_CONFIG, "affil_center_chunk": chunk}
+    objective = RetrievalObjective({name: get_loss(name)(config) for name in names}, gather_with_grad, local_loss)
     objective.set_stage(stage)
     task: nn.Module = RetrievalTask(TwoTowers(), objective)
-    if dist_utils.is_initialized():
+    if dist_utils.is_initialized():  # the affiliation loss's temperature is unused in a stage without it
         task = nn.parallel.DistributedDataParallel(task, find_unused_parameters="affil" not in stage.losses)
     losses = task(batch, epoch=3)
     losses["loss"].backward()

@@ -24,8 +24,8 @@ from dataset.captions import delete_words
 from dataset.gridmask import GridMask, grid_mask
 from dataset.randaugment import RandomAugment
 from dataset.re_dataset import RetrievalTrainDataset, TrainCollator, seeded_rng
-from dataset.tokenizer import build_tokenizer
 from dataset.transforms import BLUR_KERNEL, CLIP_MEAN, CLIP_STD, train_transform
+from models.text import BertWordPieceProcessor
 from utils.config import load_config
 from utils.distributed import DistInfo
 
@@ -408,7 +408,8 @@ def _dataset(tmp_path: Path, deletion_rate: float, kind: str = "re_rsicd") -> Re
     file = write_json(tmp_path / "train.json", [{"image": "a_1.png", "caption": caption, "image_id": 1},
                                                 {"image": "a_1.png", "caption": "short one", "image_id": 1}])
     ann = load_train_annotations([str(file)], str(tmp_path), 30)
-    return RetrievalTrainDataset(ann, train_transform({"dataset_kind": kind, "image_res": 32}), deletion_rate)
+    return RetrievalTrainDataset(ann, train_transform({"dataset_kind": kind, "image_res": 32}), deletion_rate,
+                                 fields=("image_idx", "label", "caption_weight"))
 
 
 def test_word_deletion_flows_through_the_dataset_deterministically(tmp_path: Path) -> None:
@@ -431,10 +432,10 @@ def test_word_deletion_flows_through_the_dataset_deterministically(tmp_path: Pat
 
 
 def test_collator_returns_float32_caption_weights(demo_root: Path) -> None:
-    tokenizer = build_tokenizer(str(demo_root / "tokenizer"))
+    processor = BertWordPieceProcessor.from_folder(str(demo_root / "tokenizer"), max_tokens=8, max_words=30)
     items = [{"image": torch.zeros(3, 4, 4), "caption": "a b", "image_idx": k, "label": k, "caption_weight": w}
              for k, w in enumerate([0.95, 1.0, 2.5])]
-    batch = TrainCollator(tokenizer, max_tokens=8)(items)
+    batch = TrainCollator(processor)(items)
     assert batch["caption_weight"].dtype == torch.float32
     assert batch["caption_weight"].tolist() == pytest.approx([0.95, 1.0, 2.5])
 
@@ -442,9 +443,11 @@ def test_collator_returns_float32_caption_weights(demo_root: Path) -> None:
 def test_train_loader_uses_the_config(tiny_config_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = load_config(tiny_config_path, ["dataset_kind=re_rsicd", "deletion_rate=0.5", "caption_weight.rule=clip",
                                             "caption_weight.low=0.5"])
-    tokenizer = build_tokenizer(config["text_encoder"])
+    processor = BertWordPieceProcessor.from_folder(config["text_encoder"], config["max_tokens"], config["max_words"])
     with caplog.at_level(logging.INFO, logger="dataset"):
-        loader = create_train_loader(config, tokenizer, DistInfo(), seed=0, device=torch.device("cpu"))
+        loader = create_train_loader(config, DistInfo(), seed=0, device=torch.device("cpu"),
+                                     transform=train_transform(config), text_processor=processor,
+                                     fields=("image_idx", "caption_weight"))
     assert "caption weights from rule clip" in caplog.text
     batch = next(iter(loader))
     weights = batch["caption_weight"]

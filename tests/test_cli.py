@@ -143,3 +143,31 @@ def test_evaluation_split_over_two_processes_matches_one(uninterrupted: Path, ti
     for key, value in summary["test_at_best"].items():
         assert round(sharded[key], 2) == value
     assert sharded["n_images"] == 20 and sharded["n_texts"] == 100
+
+
+def test_load_retriever_in_an_empty_folder_reproduces_the_test_recalls(uninterrupted: Path,
+                                                                       default_loader_config: Path,
+                                                                       tmp_path: Path) -> None:
+    """The selected checkpoint alone (no config, JSON or vocabulary beside it) embeds the test split into the
+    recalls the run logged for it."""
+    from utils.config import load_config
+
+    config = load_config(default_loader_config)
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from dataset.annotations import load_eval_annotations
+from models import load_retriever
+from utils.metrics import retrieval_metrics
+retriever = load_retriever({str(uninterrupted / "checkpoint_best.pth")!r})
+ann = load_eval_annotations({config["test_file"]!r}, {config["image_root"]!r}, 30)
+scores = retriever.similarity(retriever.encode_images(ann.image_paths), retriever.encode_texts(ann.texts))
+print(json.dumps(retrieval_metrics(scores, ann.img2txt, ann.txt2img)))
+"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-c", script], cwd=empty, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    _, summary = read_log(uninterrupted)
+    assert {k: round(v, 2) for k, v in metrics.items()} == summary["test_at_best"]

@@ -25,7 +25,7 @@ from dataset.captions import pre_caption
 from dataset.images import resolve_image_path, load_rgb
 from dataset.re_dataset import EvalImageDataset, RetrievalTrainDataset, TrainCollator, seeded_rng
 from dataset.samplers import SeededShardSampler
-from dataset.tokenizer import TokenizerError, build_tokenizer
+from models.text import BertWordPieceProcessor, TokenizerError, build_tokenizer
 from utils.config import load_config
 from utils.distributed import DistInfo
 
@@ -679,6 +679,8 @@ def test_sampler_rejects_too_few_samples() -> None:
 
 # ----------------------------------------------------------------------------- 10. augmentation determinism
 
+ALL_FIELDS = ("image_idx", "label", "caption_weight")
+
 
 @pytest.fixture()
 def train_dataset(tmp_path: Path) -> RetrievalTrainDataset:
@@ -687,7 +689,8 @@ def train_dataset(tmp_path: Path) -> RetrievalTrainDataset:
     file = write_json(tmp_path / "train.json", [train_entry("a_1.png", "first", 1),
                                                 train_entry("b_1.tif", "second", 2)])
     ann = load_train_annotations([file], str(tmp_path), 30)
-    return RetrievalTrainDataset(ann, transforms.train_transform({"dataset_kind": "re", "image_res": 32}))
+    return RetrievalTrainDataset(ann, transforms.train_transform({"dataset_kind": "re", "image_res": 32}),
+                                 fields=ALL_FIELDS)
 
 
 def test_augmentation_depends_only_on_the_key(train_dataset: RetrievalTrainDataset) -> None:
@@ -703,6 +706,17 @@ def test_augmentation_depends_only_on_the_key(train_dataset: RetrievalTrainDatas
     assert all(not torch.equal(first["image"], image) for image in different)
     assert torch.equal(train_dataset[1]["image"], train_dataset[(1, 1)]["image"])
     assert train_dataset[(1, 123)]["image_idx"] == 1
+
+
+def test_dataset_carries_the_requested_fields(train_dataset: RetrievalTrainDataset) -> None:
+    """An item has image, caption and exactly the fields asked for; a field no data provides is an error."""
+    assert set(train_dataset[(0, 1)]) == {"image", "caption", *ALL_FIELDS}
+    assert train_dataset[(0, 1)]["caption_weight"] == 1.0
+    plain = RetrievalTrainDataset(train_dataset.ann, train_dataset.transform)
+    assert set(plain[(1, 1)]) == {"image", "caption", "image_idx"}
+    assert torch.equal(plain[(1, 1)]["image"], train_dataset[(1, 1)]["image"])
+    with pytest.raises(DataError, match=r"sample field\(s\) \['mask'\]"):
+        RetrievalTrainDataset(train_dataset.ann, train_dataset.transform, fields=("image_idx", "mask"))
 
 
 def test_augmentation_leaves_the_callers_rng_alone(train_dataset: RetrievalTrainDataset) -> None:
@@ -745,21 +759,30 @@ def test_corrupt_image_fails_in_the_datasets_with_its_path(tmp_path: Path) -> No
 
 
 def test_collator_stacks_and_pads(tmp_path: Path) -> None:
-    tokenizer = build_tokenizer_for(tmp_path / "bert", ["a", "red", "roof", "green", "field", "near", "river"])
+    processor = processor_for(tmp_path / "bert", ["a", "red", "roof", "green", "field", "near", "river"], max_tokens=5)
     items = [{"image": torch.full((3, 4, 4), float(k)), "caption": c, "image_idx": k, "label": 10 + k,
               "caption_weight": 1.0} for k, c in enumerate(["a red roof", "a green field near a river", "red"])]
-    batch = TrainCollator(tokenizer, max_tokens=5)(items)
-    assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label", "caption_weight"}
+    batch = TrainCollator(processor)(items)
+    assert set(batch) == {"images", "text", "image_idx", "label", "caption_weight"}
+    assert set(batch["text"]) == {"input_ids", "attention_mask"}
     assert batch["images"].shape == (3, 3, 4, 4) and torch.equal(batch["images"][2], items[2]["image"])
-    assert batch["input_ids"].shape == (3, 5)  # the longest caption is cut to max_tokens
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert batch["input_ids"][2].tolist() == [2, tokenizer.convert_tokens_to_ids("red"), 3, 0, 0]
+    assert batch["text"]["input_ids"].shape == (3, 5)  # the longest caption is cut to max_tokens
+    assert batch["text"]["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["text"]["input_ids"][2].tolist() == [2, processor.tokenizer.convert_tokens_to_ids("red"), 3, 0, 0]
     assert batch["image_idx"].tolist() == [0, 1, 2] and batch["label"].tolist() == [10, 11, 12]
+    assert batch["caption_weight"].dtype == torch.float32
+    only_ids = TrainCollator(processor)([{k: item[k] for k in ("image", "caption", "image_idx")} for item in items])
+    assert set(only_ids) == {"images", "text", "image_idx"}  # the collator carries the fields the items have
 
 
-def build_tokenizer_for(folder: Path, words: list[str]):
+def processor_for(folder: Path, words: list[str], max_tokens: int = 40) -> BertWordPieceProcessor:
     write_vocab(folder, words)
-    return build_tokenizer(str(folder))
+    return BertWordPieceProcessor.from_folder(str(folder), max_tokens, max_words=30)
+
+
+def text_processor(config: dict) -> BertWordPieceProcessor:
+    """The text processor a BERT model of ``config`` builds."""
+    return BertWordPieceProcessor.from_folder(config["text_encoder"], config["max_tokens"], config["max_words"])
 
 
 # ----------------------------------------------------------------------------- 11. loaders
@@ -767,8 +790,11 @@ def build_tokenizer_for(folder: Path, words: list[str]):
 
 def test_train_loader_end_to_end(tiny_config_path: Path) -> None:
     config = load_config(tiny_config_path)
-    tokenizer = build_tokenizer(config["text_encoder"])
-    loader = create_train_loader(config, tokenizer, DistInfo(), seed=0, device=torch.device("cpu"))
+    processor = text_processor(config)
+    tokenizer = processor.tokenizer
+    loader = create_train_loader(config, DistInfo(), seed=0, device=torch.device("cpu"),
+                                 transform=transforms.train_transform(config), text_processor=processor,
+                                 fields=ALL_FIELDS)
     captions = sum(len(json.loads(Path(f).read_text(encoding="utf-8"))) for f in config["train_file"])
     batch_size = config["batch_size_train"]
     assert captions % batch_size != 0  # so that drop_last matters here
@@ -776,12 +802,13 @@ def test_train_loader_end_to_end(tiny_config_path: Path) -> None:
     seen = 0
     labels: set[int] = set()
     for batch in loader:
-        assert set(batch) == {"images", "input_ids", "attention_mask", "image_idx", "label", "caption_weight"}
+        assert set(batch) == {"images", "text", *ALL_FIELDS}
         assert batch["images"].shape == (batch_size, 3, 32, 32)
-        assert batch["input_ids"].shape == batch["attention_mask"].shape
-        assert batch["input_ids"].shape[0] == batch_size and batch["input_ids"].dtype == torch.long
-        assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
-        assert (batch["input_ids"] != tokenizer.unk_token_id).all()
+        text = batch["text"]
+        assert text["input_ids"].shape == text["attention_mask"].shape
+        assert text["input_ids"].shape[0] == batch_size and text["input_ids"].dtype == torch.long
+        assert (text["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+        assert (text["input_ids"] != tokenizer.unk_token_id).all()
         assert batch["image_idx"].shape == batch["label"].shape == (batch_size,)
         labels |= set(batch["label"].tolist())
         seen += batch_size
@@ -794,14 +821,14 @@ def test_train_loader_end_to_end(tiny_config_path: Path) -> None:
 
 def test_train_loader_rejects_a_batch_larger_than_the_shard(tiny_config_path: Path) -> None:
     config = load_config(tiny_config_path, ["batch_size_train=100000"])
-    tokenizer = build_tokenizer(config["text_encoder"])
     with pytest.raises(DataError, match="batch_size_train"):
-        create_train_loader(config, tokenizer, DistInfo(), seed=0, device=torch.device("cpu"))
+        create_train_loader(config, DistInfo(), seed=0, device=torch.device("cpu"),
+                            transform=transforms.train_transform(config), text_processor=text_processor(config))
 
 
 def test_eval_split_covers_all_test_images(tiny_config_path: Path) -> None:
     config = load_config(tiny_config_path)
-    split = create_eval_split(config, "test", torch.device("cpu"))
+    split = create_eval_split(config, "test", torch.device("cpu"), transforms.test_transform(config))
     raw = json.loads(Path(config["test_file"]).read_text(encoding="utf-8"))
     assert split.name == "test"
     assert len(split.annotations.image_paths) == len(raw)

@@ -30,10 +30,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("mode", ["stage1 local", "stage1 gathered", "stage2 weighted"])
 def test_two_processes_equal_one(results: tuple[dict, dict], mode: str) -> None:
-    """Every loss term (contr, affil with per-process centres, scene) and every gradient match."""
+    """Every loss term (contr, affil with per-process centres, scene) and every gradient match, the affiliation
+    loss's own temperature included."""
     one, two = results[0][mode], results[1][mode]
     assert set(one) == set(two)
-    assert {"loss_contr", "loss_affil", "loss_scene", "model.temp2"} <= set(one)
+    assert {"loss_contr", "loss_affil", "loss_scene", "model.temp", "objective.losses.affil.temp"} <= set(one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ import torchvision
 
 from models import build_model
 from models.fusion import SFGS, GraphReasoning
-from models.losses import affiliation_loss, contrastive_loss, scene_adaptive_loss
-from models.objective import RetrievalObjective
-from scheduler import Stage, StageSchedule, parse_stages
+from models.losses import (AffiliationLoss, ContrastiveLoss, SceneAdaptiveLoss, affiliation_loss, contrastive_loss,
+                           scene_adaptive_loss)
+from models.objective import RetrievalObjective, Stage, build_objective
+from models.task import RetrievalTask
+from models.text import BertWordPieceProcessor
+from scheduler import StageSchedule, parse_stages
 from utils.config import ConfigError, load_config
 from utils.metrics import chance_metrics
 
@@ -37,10 +41,12 @@ def tiny_fisvl(path: Path, *overrides: str) -> torch.nn.Module:
     return build_model(load_config(path, list(overrides)), pretrained=False)
 
 
-def tiny_batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tiny_batch(size: int = 4) -> dict[str, Any]:
+    """A model's batch: ``images`` and ``text`` (what a text processor returns)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (size, 7), generator=generator)
-    return torch.randn(size, 3, 32, 32, generator=generator), ids, torch.ones_like(ids)
+    return {"images": torch.randn(size, 3, 32, 32, generator=generator),
+            "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
 
 
 # --- the paper's configs and model
@@ -62,15 +68,24 @@ def test_paper_configs_hold_the_paper_settings(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def paper_model() -> torch.nn.Module:
-    return build_model(load_config(ROOT / "configs" / "Retrieval_rsitmd.yaml"), pretrained=False)
+def paper_config() -> dict[str, Any]:
+    return load_config(ROOT / "configs" / "Retrieval_rsitmd.yaml")
 
 
-def test_paper_size_parameter_counts(paper_model: torch.nn.Module) -> None:
-    """Trainable: Swin-T, BERT-base, four projections, two graph steps, two temperatures. Frozen: ResNet-50
-    without its classifier, and SFGS."""
+@pytest.fixture(scope="module")
+def paper_model(paper_config: dict[str, Any], demo_root: Path) -> torch.nn.Module:
+    """The model owns its text processor; bert-base-uncased's folder is not here, so the demo vocabulary
+    stands in (it changes no parameter)."""
+    processor = BertWordPieceProcessor.from_folder(str(demo_root / "tokenizer"), paper_config["max_tokens"],
+                                                   paper_config["max_words"])
+    return build_model(paper_config, pretrained=False, text_processor=processor)
+
+
+def test_paper_size_parameter_counts(paper_model: torch.nn.Module, paper_config: dict[str, Any]) -> None:
+    """Trainable: Swin-T, BERT-base, four projections, two graph steps, two temperatures (the contrastive one
+    in the model, the affiliation one in its loss). Frozen: ResNet-50 without its classifier, and SFGS."""
     swin, bert = 27_519_354, 108_891_648  # checked against timm and transformers in test_models.py
-    heads = 2 * linear(768, 512) + linear(2048, 512) + linear(512, 512) + 2 * 3 * linear(512, 512) + 2
+    heads = 2 * linear(768, 512) + linear(2048, 512) + linear(512, 512) + 2 * 3 * linear(512, 512) + 1
     resnet = sum(p.numel() for n, p in torchvision.models.resnet50().named_parameters() if not n.startswith("fc."))
     convs = 64 * 32 + 32 * 32 + 9 * 32 * 32 + 25 * 32 * 64 + 2 * (32 + 32 + 32 + 64)  # + BatchNorm scale/shift
     attention = 4 * linear(512, 512) + linear(512, 1024) + linear(1024, 512) + 2 * 2 * 512
@@ -81,6 +96,9 @@ def test_paper_size_parameter_counts(paper_model: torch.nn.Module) -> None:
         if not param.requires_grad:
             frozen[name.split(".")[0]] += param.numel()
     assert trainable == swin + bert + heads
+    objective = build_objective(paper_config, parse_stages(paper_config))
+    temperatures = [(n, p.numel(), p.requires_grad) for n, p in objective.named_parameters()]
+    assert temperatures == [("losses.affil.temp", 1, True)]
     assert frozen == {"conv_encoder": resnet, "sfgs": sfgs}
     assert resnet == 23_508_032 and sfgs == 2_363_712
 
@@ -90,7 +108,8 @@ def test_paper_model_embeds_a_single_image(paper_model: torch.nn.Module) -> None
     paper_model.eval()
     with torch.no_grad():
         image = paper_model.encode_image(torch.randn(1, 3, 224, 224))
-        text = paper_model.encode_text(torch.tensor([[101, 2023, 2003, 102]]), torch.ones(1, 4, dtype=torch.long))
+        text = paper_model.encode_text({"input_ids": torch.tensor([[101, 2023, 2003, 102]]),
+                                        "attention_mask": torch.ones(1, 4, dtype=torch.long)})
     assert image.shape == text.shape == (1, 512)
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(1))
 
@@ -124,14 +143,21 @@ def test_sfgs_fusion_equals_the_published_weighted_map() -> None:
 
 
 def test_gradients_reach_the_trainable_parts_and_never_the_frozen_ones(tiny_fisvl_config_path: Path) -> None:
-    model = tiny_fisvl(tiny_fisvl_config_path).train()
-    out = model(*tiny_batch())
-    (out["image_feat"] @ out["text_feat"].T / out["temp"] + out["temp2"]).sum().backward()
+    """Through the paper's first-stage losses: every trainable parameter, the affiliation loss's temperature
+    included, gets a gradient; the frozen CNN and SFGS get none."""
+    config = load_config(tiny_fisvl_config_path)
+    model = build_model(config, pretrained=False).train()
+    task = RetrievalTask(model, build_objective(config, parse_stages(config)))
+    batch = {**tiny_batch(), "image_idx": torch.tensor([0, 0, 1, 2]), "label": torch.tensor([0, 0, 1, 0]),
+             "caption_weight": torch.tensor([1.0, 0.95, 1.0, 1.0])}
+    assert set(task.sample_fields) <= set(batch)
+    task(batch, epoch=0)["loss"].backward()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith(("conv_encoder.", "sfgs.")) for n in frozen)
     assert {n.split(".")[0] for n in frozen} == {"conv_encoder", "sfgs"}
     for name, param in model.named_parameters():
         assert (param.grad is None) == (name in frozen), name
+    assert task.objective.losses["affil"].temp.grad is not None
 
 
 @pytest.mark.parametrize("override, trainable_prefixes, absent", [
@@ -148,7 +174,7 @@ def test_ablation_switches(tiny_fisvl_config_path: Path, override: str, trainabl
     assert not any(n.startswith(absent) for n in names) if absent else True
     for prefix in trainable_prefixes:
         assert all(p.requires_grad for n, p in names.items() if n.startswith(prefix))
-    out = model(*tiny_batch())
+    out = model(tiny_batch())
     (out["image_feat"] @ out["text_feat"].T).sum().backward()
     for name, param in names.items():
         if name.startswith(trainable_prefixes):
@@ -158,7 +184,7 @@ def test_ablation_switches(tiny_fisvl_config_path: Path, override: str, trainabl
 
 def test_fgis_off_is_the_plain_dual_encoder_image_side(tiny_fisvl_config_path: Path) -> None:
     model = tiny_fisvl(tiny_fisvl_config_path, "fgis=false").eval()
-    images = tiny_batch()[0]
+    images = tiny_batch()["images"]
     tokens = model.vision_encoder.forward_tokens(images)
     expected = torch.nn.functional.normalize(model.vision_proj(tokens[:, 0]), dim=-1)
     torch.testing.assert_close(model.encode_image(images), expected)
@@ -170,7 +196,7 @@ def test_frozen_cnn_batchnorm_as_published_or_in_eval_mode(tiny_fisvl_config_pat
         model = tiny_fisvl(tiny_fisvl_config_path, override).train()
         before = model.conv_encoder.bn1.running_mean.clone()
         sfgs_before = model.sfgs.conv_filter[1].running_mean.clone()
-        model(*tiny_batch())
+        model(tiny_batch())
         assert (not torch.equal(before, model.conv_encoder.bn1.running_mean)) == drifts, override
         assert (not torch.equal(sfgs_before, model.sfgs.conv_filter[1].running_mean)) == drifts, override
         assert model.vision_encoder.training and model.conv_encoder.training == drifts
@@ -245,12 +271,14 @@ def test_objective_computes_every_term_and_weights_the_active_stage() -> None:
     torch.manual_seed(0)
     features = {"image_feat": torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_(),
                 "text_feat": torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_(),
-                "temp": torch.tensor(0.07), "temp2": torch.tensor(0.05)}
+                "temp": torch.tensor(0.07)}
     batch = {"image_idx": torch.tensor([0, 0, 1, 2, 3, 3]), "label": torch.tensor([0, 0, 1, 0, 1, 1]),
              "caption_weight": torch.tensor([1.0, 0.95, 1.0, 0.95, 1.0, 1.0])}
-    config = {"soft_target_eps": 6e-5, "gather_with_grad": True, "local_loss": True, "affil_symmetric": False,
-              "affil_center_chunk": 0, "scene_mode": "published", "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02}
-    objective = RetrievalObjective({"contr", "affil", "scene"}, config)
+    config = {"soft_target_eps": 6e-5, "temp2": 0.05, "affil_symmetric": False, "affil_center_chunk": 0,
+              "scene_mode": "published", "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02}
+    objective = RetrievalObjective({"contr": ContrastiveLoss(config), "affil": AffiliationLoss(config),
+                                    "scene": SceneAdaptiveLoss(config)}, gather_with_grad=True, local_loss=True)
+    assert objective.sample_fields == ("image_idx", "caption_weight", "label")
     objective.set_stage(Stage("wcon_aff", 10, {"contr": 1.0, "affil": 0.5}, caption_weights=True))
     out = objective(features, batch, epoch=12)
     v, t = features["image_feat"], features["text_feat"]
@@ -261,13 +289,15 @@ def test_objective_computes_every_term_and_weights_the_active_stage() -> None:
     scene = scene_adaptive_loss(v, t, batch["image_idx"], batch["label"], 0.07, 12, 2.0, -0.0015, 0.02)
     torch.testing.assert_close(out["loss_scene"], scene)
     assert not out["loss_scene"].requires_grad and out["loss"].requires_grad  # logged, not trained
+    out["loss"].backward()  # the affiliation temperature (tau_2) trains: the loss owns it
+    assert objective.losses["affil"].temp.grad is not None
 
 
 # --- end to end
 
 
 def test_fisvl_demo_trains_far_above_chance_and_logs_the_stage_switch(tmp_path: Path) -> None:
-    """configs/demo.yaml (shortened to 4 epochs, the switch at epoch 2) through run.py, data in tmp_path."""
+    """configs/demo_fisvl.yaml (shortened to 4 epochs, the switch at epoch 2) through run.py, data in tmp_path."""
     data, out = tmp_path / "data", tmp_path / "out"
     paths = [f"synthetic_data.root={data}", f"train_file=[{data}/demo_train.json]", f"val_file={data}/demo_val.json",
              f"test_file={data}/demo_test.json", f"image_root={data}/images", f"text_encoder={data}/tokenizer"]

@@ -1,5 +1,6 @@
 """The losses of models/losses.py against fisvl-method.md §3: hand-worked tiny examples, plain-Python loop
-references, the published telltales, the thresholded softmax, gradients, the local-loss row split and dtypes."""
+references, the published telltales, the thresholded softmax, gradients, the local-loss row split and dtypes,
+and the registered loss modules that stages name."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (SOFT_TARGET_EPS, affiliation_centres, affiliation_loss, contrastive_loss,
-                           scene_adaptive_loss, scene_weights, thresholded_softmax)
+from models import get_loss, list_losses
+from models.losses import (SOFT_TARGET_EPS, AffiliationLoss, ContrastiveLoss, LossInputs, SceneAdaptiveLoss,
+                           affiliation_centres, affiliation_loss, contrastive_loss, scene_adaptive_loss, scene_weights,
+                           thresholded_softmax)
 
 
 def formula(v: torch.Tensor, t: torch.Tensor, ids: list[int], tau: float, w: list[float] | None = None,
@@ -561,3 +564,34 @@ def test_bf16_inputs_give_float32_close_to_fp32(name: str) -> None:
     got = loss(v.bfloat16(), t.bfloat16(), ids, y, None)
     assert ref.dtype == torch.float32 and got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=3e-2, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registered loss modules: each reads its flat config keys and calls its function above.
+
+
+def test_loss_modules_compute_their_functions_with_their_config_keys() -> None:
+    """contr at the model's ``temp`` (weighted when the stage says so), affil at its own learnable temperature
+    (initialised from ``temp2``, per-process centres by default), scene at ``temp`` with its keys."""
+    assert list_losses() == ["affil", "contr", "scene"]
+    assert [get_loss(name) for name in ("contr", "affil", "scene")] == [ContrastiveLoss, AffiliationLoss,
+                                                                        SceneAdaptiveLoss]
+    config = {"soft_target_eps": 1e-4, "temp2": 0.05, "affil_symmetric": True, "affil_center_chunk": 0,
+              "scene_mode": "intended", "alpha_m": 2.0, "beta1": BETA1, "beta2": BETA2}
+    v, t, ids, y = random_batch(seed=11)
+    weights = torch.linspace(0.9, 1.0, len(ids), dtype=v.dtype)
+    fields = {"image_idx": ids, "label": y, "caption_weight": weights}
+    rows = slice(0, 6)
+    inputs = LossInputs(v, t, fields, {"temp": torch.tensor(0.07)}, rows, local_batch=6, epoch=5)
+    torch.testing.assert_close(ContrastiveLoss(config)(inputs), contrastive_loss(v, t, ids, 0.07, None, 1e-4, rows))
+    weighted = LossInputs(v, t, fields, {"temp": torch.tensor(0.07)}, rows, 6, 5, caption_weights=True)
+    torch.testing.assert_close(ContrastiveLoss(config)(weighted),
+                               contrastive_loss(v, t, ids, 0.07, weights, 1e-4, rows))
+    affil = AffiliationLoss(config).double()
+    assert [(n, p.item()) for n, p in affil.named_parameters()] == [("temp", pytest.approx(0.05))]
+    torch.testing.assert_close(affil(inputs), affiliation_loss(v, t, y, 0.05, 1e-4, chunk=6, symmetric=True,
+                                                               rows=rows))
+    torch.testing.assert_close(SceneAdaptiveLoss(config)(inputs),
+                               scene_adaptive_loss(v, t, ids, y, 0.07, 5, 2.0, BETA1, BETA2, "intended", 1e-4, rows))
+    assert ContrastiveLoss.sample_fields == ("caption_weight",)
+    assert AffiliationLoss.sample_fields == SceneAdaptiveLoss.sample_fields == ("label",)

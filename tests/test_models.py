@@ -11,6 +11,7 @@ from conftest import TINY_BERT, TINY_SWIN, TINY_VIT, write_json
 from models import build_model, list_models
 from models.encoders import BertTextEncoder, build_vision_encoder
 from models.encoders.text import remap_bert_key
+from models.text import BertWordPieceProcessor
 from utils.config import load_config
 from utils.weights import WeightsError
 
@@ -36,7 +37,7 @@ def test_dual_encoder_outputs(tiny_config_path: Path, tmp_path: Path, vision: di
     model = build_model(config, pretrained=False).eval()
     images = torch.randn(3, 3, 32, 32)
     ids = torch.randint(5, 100, (3, 7))
-    out = model(images, ids, torch.ones_like(ids))
+    out = model({"images": images, "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}})
     assert out["image_feat"].shape == out["text_feat"].shape == (3, config["embed_dim"])
     torch.testing.assert_close(out["image_feat"].norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(out["text_feat"].norm(dim=-1), torch.ones(3))
@@ -52,11 +53,12 @@ def test_attention_mask_makes_padding_irrelevant(tiny_config_path: Path, tmp_pat
     padded = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0]])
     mask, padded_mask = torch.ones_like(ids), torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
     masked = build_model(tiny_config(tiny_config_path, tmp_path), pretrained=False).eval()
-    torch.testing.assert_close(masked.encode_text(ids, mask), masked.encode_text(padded, padded_mask))
+    text, padded_text = {"input_ids": ids, "attention_mask": mask}, {"input_ids": padded, "attention_mask": padded_mask}
+    torch.testing.assert_close(masked.encode_text(text), masked.encode_text(padded_text))
     unmasked = build_model(tiny_config(tiny_config_path, tmp_path, None, "text_attention_mask=false"),
                            pretrained=False).eval()
     unmasked.load_state_dict(masked.state_dict())
-    assert not torch.allclose(unmasked.encode_text(ids, mask), unmasked.encode_text(padded, padded_mask))
+    assert not torch.allclose(unmasked.encode_text(text), unmasked.encode_text(padded_text))
 
 
 def test_pretrained_false_reads_no_file(tiny_config_path: Path, tmp_path: Path) -> None:
@@ -120,10 +122,14 @@ def test_config_and_encoder_json_must_agree(tiny_config_path: Path, tmp_path: Pa
         build_model(tiny_config(tiny_config_path, tmp_path, None, "patch_size=16"), pretrained=False)
 
 
-def test_paper_size_model(tmp_path: Path) -> None:
-    """Swin-T + BERT-base as in the paper configs: 27.5 M + 108.9 M parameters, 50 Swin tokens of width 768."""
+def test_paper_size_model(tmp_path: Path, demo_root: Path) -> None:
+    """Swin-T + BERT-base as in the paper configs: 27.5 M + 108.9 M parameters, 50 Swin tokens of width 768.
+
+    The model owns its text processor; bert-base-uncased's folder is not here, so the demo vocabulary stands in."""
     config = load_config(ROOT / "configs" / "Retrieval_rsitmd_baseline.yaml")
-    model = build_model(config, pretrained=False)
+    processor = BertWordPieceProcessor.from_folder(str(demo_root / "tokenizer"), config["max_tokens"],
+                                                   config["max_words"])
+    model = build_model(config, pretrained=False, text_processor=processor)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(model.vision_encoder) == 27_519_354
     assert count(model.text_encoder) == 108_891_648

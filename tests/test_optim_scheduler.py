@@ -1,4 +1,5 @@
-"""AdamW groups (X-VLM's no-decay rule, lr_mult on new heads) and the warm-up + decay schedule."""
+"""AdamW groups (the model's no-decay rule, X-VLM's by default; lr_mult on new heads, the losses' parameters
+included) and the warm-up + decay schedule."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from models import RetrievalModel
+from models.losses import AffiliationLoss
+from models.objective import RetrievalObjective
 from optim import create_optimizer, parameter_groups
 from scheduler import create_scheduler, lr_factor, warmup_steps
 
 OPT = {"opt": "adamW", "lr": 1e-3, "weight_decay": 0.05, "lr_mult": 2.0, "betas": [0.9, 0.98], "eps": 1e-8}
 
 
-class Toy(nn.Module):
-    """An 'encoder' and a 'head', named like the real models."""
+class Toy(RetrievalModel):
+    """An 'encoder' and a 'head', named like the real models; X-VLM's no-decay rule (the default ``decays``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,6 +30,12 @@ class Toy(nn.Module):
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.frozen = nn.Linear(4, 4).requires_grad_(False)
 
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision_proj(self.vision_encoder(images))
+
+    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        return text["input_ids"].float()
+
     def head_parameter_names(self) -> set[str]:
         return {"vision_proj.weight", "vision_proj.bias", "temp"}
 
@@ -33,9 +43,20 @@ class Toy(nn.Module):
         return {"vision_encoder.pos_embed"}
 
 
-def names_by_group(model: nn.Module) -> dict[str, set[str]]:
+LOSS_CONFIG = {"temp2": 0.05, "soft_target_eps": 6e-5, "affil_center_chunk": 0, "affil_symmetric": False}
+
+
+def affiliation_objective() -> RetrievalObjective:
+    """An objective whose affiliation loss owns the affiliation temperature (PIR's ``temp2``)."""
+    return RetrievalObjective({"affil": AffiliationLoss(LOSS_CONFIG)})
+
+
+def names_by_group(model: RetrievalModel, objective: nn.Module | None = None) -> dict[str, set[str]]:
     ids = {id(p): n for n, p in model.named_parameters()}
-    return {g["name"]: {ids[id(p)] for p in g["params"]} for g in parameter_groups(model, 1e-3, 0.05, 2.0)}
+    if objective is not None:
+        ids.update({id(p): f"objective.{n}" for n, p in objective.named_parameters()})
+    return {g["name"]: {ids[id(p)] for p in g["params"]}
+            for g in parameter_groups(model, 1e-3, 0.05, 2.0, objective)}
 
 
 def test_groups_follow_the_no_decay_rule_and_heads() -> None:
@@ -49,9 +70,16 @@ def test_groups_follow_the_no_decay_rule_and_heads() -> None:
     }
 
 
+def test_the_losses_parameters_are_decayed_heads() -> None:
+    """The affiliation temperature, now owned by its loss, keeps PIR/FISVL's treatment of ``temp2``."""
+    groups = names_by_group(Toy(), affiliation_objective())
+    assert groups["head_decay"] == {"vision_proj.weight", "temp", "objective.losses.affil.temp"}
+    assert groups["head_no_decay"] == {"vision_proj.bias"}
+
+
 def test_lr_mult_really_applies_through_the_schedule() -> None:
-    model = Toy()
-    optimizer = create_optimizer(OPT, model)
+    model, objective = Toy(), affiliation_objective()
+    optimizer = create_optimizer(OPT, model, objective)
     scheduler = create_scheduler({"sched": "linear", "epochs": 2, "num_warmup_steps": 2}, optimizer, steps_per_epoch=5)
     for _ in range(3):
         optimizer.step()
@@ -60,19 +88,22 @@ def test_lr_mult_really_applies_through_the_schedule() -> None:
     factor = lr_factor(3, 2, 10, "linear")
     assert lrs["encoder_decay"] == pytest.approx(1e-3 * factor)
     assert lrs["head_decay"] == pytest.approx(2e-3 * factor)
+    head_decay = next(g for g in optimizer.param_groups if g["name"] == "head_decay")["params"]
+    assert any(p is objective.losses["affil"].temp for p in head_decay)
     assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups}["encoder_no_decay"] == 0.0
     assert optimizer.defaults["betas"] == (0.9, 0.98)
 
 
 def test_weight_decay_changes_only_decayed_parameters() -> None:
-    model = Toy()
-    optimizer = create_optimizer({**OPT, "weight_decay": 0.5}, model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for p in model.parameters():
+    model, objective = Toy(), affiliation_objective()
+    optimizer = create_optimizer({**OPT, "weight_decay": 0.5}, model, objective)
+    named = {**dict(model.named_parameters()), **{f"objective.{n}": p for n, p in objective.named_parameters()}}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in named.values():
         p.grad = torch.zeros_like(p)  # zero gradient: only decoupled weight decay can move a parameter
     optimizer.step()
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved == {"vision_encoder.fc.weight", "vision_proj.weight", "temp"}
+    moved = {n for n, p in named.items() if not torch.equal(p, before[n])}
+    assert moved == {"vision_encoder.fc.weight", "vision_proj.weight", "temp", "objective.losses.affil.temp"}
 
 
 def test_schedule_values() -> None:

@@ -75,23 +75,23 @@ def test_skip_policy_skips_up_to_its_limit_then_stops(tiny_config_path: Path, tm
 def test_skip_policy_skips_a_poisoned_batch_and_trains_on(tiny_config_path: Path) -> None:
     """One batch with NaN pixels: its update is dropped and counted, the other steps train."""
     from dataset import create_train_loader
-    from dataset.tokenizer import build_tokenizer
     from models import build_model
     from models.objective import build_objective
     from models.task import RetrievalTask
     from optim import create_optimizer
-    from scheduler import create_scheduler
+    from scheduler import create_scheduler, parse_stages
     from utils.distributed import DistInfo
     from utils.precision import grad_scaler
 
     config = load_config(tiny_config_path, ["nan_policy=skip", "nan_skip_limit=1"])
     torch.manual_seed(0)
     model = build_model(config, pretrained=False)
-    task = RetrievalTask(model, build_objective(config))
-    loader = create_train_loader(config, build_tokenizer(config["text_encoder"]), DistInfo(), 0, torch.device("cpu"))
+    task = RetrievalTask(model, build_objective(config, parse_stages(config)))
+    loader = create_train_loader(config, DistInfo(), 0, torch.device("cpu"), transform=model.train_transform,
+                                 text_processor=model.text_processor, fields=task.sample_fields)
     batches = list(loader)
     batches[2]["images"][0, 0, 0, 0] = float("nan")
-    optimizer = create_optimizer(config["optimizer"], model)
+    optimizer = create_optimizer(config["optimizer"], model, task.objective)
     scheduler = create_scheduler(config["schedular"], optimizer, len(batches))
     state = Retrieval.TrainState()
     stats = Retrieval.train_one_epoch(task, batches, optimizer, scheduler, grad_scaler("fp32", torch.device("cpu")),

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: self-contained (inline architecture config, text processor state)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

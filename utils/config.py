@@ -2,7 +2,7 @@
 
 The originals read YAML with ruamel's removed module-level API; PyYAML would read ``6e-5`` as a string.
 Here every file goes through ``YAML(typ='safe')`` (YAML 1.2: ``6e-5`` is a float, no arbitrary objects),
-then through :data:`SCHEMA`: unknown keys, wrong types and missing required keys are errors that name the
+then through :func:`schema`: unknown keys, wrong types and missing required keys are errors that name the
 key and the file. PIR's ``Retrieval_rsitmd.yaml`` loads unchanged (flow mappings, the misspelled
 ``schedular``, its legacy keys).
 """
@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 _REQUIRED = object()
-RANDOM_INIT_PARTS = ("vision_encoder", "text_encoder", "conv_encoder")
+_MISSING = object()  # a required key the file does not give; an error only where its group applies
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class Key:
         return self.default is _REQUIRED
 
 
-Section = Mapping[str, "Key | Section"]
+Section = Mapping[str, Key]
 
 _SYNTHETIC_DATA: Section = {
     "root": Key((str,), ".cache/demo", "folder the procedural demo dataset is generated into", is_path=True),
@@ -88,8 +88,7 @@ _IMAGE_DECODE: Section = {
                  "1 or 2 bands (grey, grey + alpha) as grey, else bands 1, 2, 3"),
 }
 
-SCHEMA: Section = {
-    # --- data
+_DATA: Section = {
     "train_file": Key((list,), doc="train JSON file(s), one entry per caption; concatenated", is_path=True),
     "val_file": Key((str,), doc="val JSON, one entry per image with its captions", is_path=True),
     "test_file": Key((str,), doc="test JSON, one entry per image with its captions", is_path=True),
@@ -99,73 +98,37 @@ SCHEMA: Section = {
     "dataset_kind": Key((str,), "re", "train augmentation pipeline: re = crop + flip (X-VLM); re_rsitmd adds "
                         "RandAugment; re_rsicd/re_ucm/re_sydney add blur, RandAugment, erasing and GridMask",
                         choices=("re", "re_rsitmd", "re_rsicd", "re_ucm", "re_sydney")),
+    "image_res": Key((int,), doc="input resolution of the image transforms"),
     "deletion_rate": Key((float,), 0.0, "train only: probability of deleting each caption word (FISVL)"),
     "caption_weight": Key((dict,), {},
                           "caption weights of the weighted contrastive loss, when the train JSON has no `length`"),
     "max_words": Key((int,), 30, "captions are cut to this many words by pre_caption"),
     "max_tokens": Key((int,), 40, "tokenizer max_length"),
     "skip_bad_samples": Key((bool,), False, "skip (count and log) missing/unreadable images instead of stopping"),
+    "check_images": Key((bool,), True, "decode every image of every split once before training or evaluation "
+                        "starts (in parallel, num_workers processes), so a bad file stops the run at once"),
     "num_workers": Key((int,), 4, "data-loader worker processes per training process"),
     "pin_memory": Key((bool,), True, "pin host memory for faster GPU copies"),
     "persistent_workers": Key((bool,), True, "keep loader workers alive between epochs"),
-    "check_images": Key((bool,), True, "decode every image of every split once before training or evaluation "
-                        "starts (in parallel, num_workers processes), so a bad file stops the run at once"),
-    # --- model
+}
+
+_MODEL: Section = {
     "model": Key((str,), None, "registered model name (models.list_models()); when absent, fisvl for FISVL's "
                   "YAMLs (use_scene_loss: true), else swin_bert_cl"),
-    "vision_config": Key((str,), doc="vision encoder JSON (arch, sizes, optional ckpt)", is_path=True),
-    "text_config": Key((str,), doc="BERT config JSON", is_path=True),
-    "text_encoder": Key((str,), doc="local folder with vocab.txt (and BERT weights for pretrained runs)", is_path=True),
-    "use_swin": Key((bool,), True, "Swin (True) or ViT (False) when the vision JSON names no `arch`"),
-    "image_res": Key((int,), doc="input resolution; must equal the vision JSON's image_res"),
-    "patch_size": Key((int,), None, "total stride marker (Swin 32, ViT 16); checked when given"),
     "embed_dim": Key((int,), 256, "width of the joint embedding space"),
-    "temp1": Key((float,), 0.07, "initial contrastive temperature (learnable)"),
-    "temp": Key((float,), None, "X-VLM name of temp1"),
-    "temp2": Key((float,), 0.07, "initial affiliation temperature (used by models with the affiliation loss)"),
-    "text_attention_mask": Key((bool,), True, "pass BERT its attention mask (false reproduces PIR/FISVL)"),
-    "is_baseline": Key((bool,), False, "PIR/FISVL switch for the plain Swin+BERT model (alias of model: swin_bert_cl)"),
-    "grad_checkpointing": Key((bool,), False, "trade compute for memory in both encoders"),
-    "fgis": Key((bool,), True, "FISVL: fuse CNN global/local tokens with the Swin tokens by graph reasoning"),
-    "conv_arch": Key((str,), "resnet50", "FISVL/PIR prior CNN (torchvision layout)",
-                     choices=("resnet18", "resnet34", "resnet50")),
-    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR; torchvision layout, e.g. RSP's ResNet-50)",
-                       is_path=True),
     "allow_random_init": Key((list,), [], "encoders that may start from random weights when the config names "
-                             "none: vision_encoder, text_encoder, conv_encoder (demos, tests); otherwise that is "
-                             "an error"),
+                             "none (demos, tests; the model's encoders, e.g. vision_encoder, text_encoder, "
+                             "conv_encoder); otherwise that is an error"),
     "allow_missing_weights": Key((list,), [], "fnmatch patterns of model tensors that may keep their initial "
                                  "values when a checkpoint lacks them (e.g. 'sfgs.*'); any other missing tensor "
                                  "is an error"),
-    "finetune_conv": Key((bool,), False, "train the prior CNN (FISVL/PIR keep it frozen)"),
-    "conv_bn_train_mode": Key((bool,), True, "frozen CNN's BatchNorm in train mode, so batch statistics are used "
-                              "and running statistics drift (as published); false = eval mode"),
-    "sfgs": Key((str,), "frozen", "FISVL's SFGS token: frozen (as published: random and never trained), "
-                "trainable, or off", choices=("frozen", "trainable", "off")),
-    "img_gcn_step": Key((int,), 2, "FISVL: graph-reasoning steps over the image nodes"),
-    "dropout_r": Key((float,), 0.2, "dropout of the fusion blocks (FISVL/PIR)"),
-    # --- loss
-    "soft_target_eps": Key((float,), 6e-5, "mass added to every target of the multi-positive contrastive loss"),
-    "gather_with_grad": Key((bool,), True, "all-gather features with gradients flowing back to every process"),
-    "local_loss": Key((bool,), True, "each process computes its own query rows against the gathered batch"),
-    "stages": Key((list,), None, "value-guided stage schedule: a list of {name, start_epoch, losses: {contr, "
-                  "affil, scene: weight}, caption_weights: bool}; default from the use_* keys"),
-    "stage_patience": Key((int,), 0, "also move to the next stage after this many epochs without a better val "
-                          "r_mean (0 = only at start_epoch)"),
-    "affil_symmetric": Key((bool,), False, "affiliation loss: intended form (text vs image centres) instead of the "
-                           "published transpose"),
-    "affil_center_chunk": Key((int,), 0, "affiliation centres over chunks of this many rows of the global batch "
-                              "(0 = each process's batch, as published)"),
-    "scene_mode": Key((str,), "published", "scene-adaptive loss: published (no positive masking, integer "
-                      "weights) or intended", choices=("published", "intended")),
-    "alpha_m": Key((float,), None, "scene loss: softmax threshold on logits / temp (FISVL)"),
-    "beta1": Key((float,), None, "scene loss: inter-scene weight exp(beta1 * epoch) (FISVL)"),
-    "beta2": Key((float,), None, "scene loss: intra-scene weight exp(beta2 * epoch) (FISVL)"),
-    # --- batch sizes
+    "grad_checkpointing": Key((bool,), False, "trade compute for memory in the encoders"),
+}
+
+_OPTIMISATION: Section = {
     "batch_size_train": Key((int,), doc="per-process train batch (global = x world size)"),
     "batch_size_test": Key((int,), 64, "image batch when embedding val/test"),
     "batch_size_test_text": Key((int,), 128, "text batch when embedding val/test"),
-    # --- optimisation
     "optimizer": Key((dict,), doc="AdamW settings (see its keys)"),
     "schedular": Key((dict,), doc="warm-up + decay schedule (see its keys); `scheduler` is accepted too"),
     "precision": Key((str,), "fp32", "fp32, or autocast amp_bf16 / amp_fp16", choices=("fp32", "amp_bf16", "amp_fp16")),
@@ -173,24 +136,59 @@ SCHEMA: Section = {
     "nan_policy": Key((str,), "stop", "a step whose loss or gradient is NaN/inf: stop the run with a message naming "
                       "epoch, step and loss terms, or skip the update and count it", choices=("stop", "skip")),
     "nan_skip_limit": Key((int,), 10, "nan_policy skip: stop once more than this many steps of the run were skipped"),
-    # --- evaluation, selection and logging
-    "select_on": Key((str,), "val", "split whose r_mean picks checkpoint_best.pth", choices=("val", "test")),
-    "eval_test_every_epoch": Key((bool,), True, "also evaluate test each epoch (logged, never used to select)"),
-    "print_freq": Key((int,), 50, "console progress line every N iterations"),
-    "legacy_log_footer": Key((bool,), False, "also append X-VLM's `best epoch: N` line to log.txt"),
-    "k_test": Key((int,), None, "X-VLM re-rank depth; unused by dual encoders"),
-    # --- PIR/FISVL keys accepted for compatibility; `stages` is derived from them when it is absent
+}
+
+_STAGES: Section = {
+    "stages": Key((list,), None, "value-guided stage schedule: a list of {name, start_epoch, losses: {<registered "
+                  "loss>: weight}, caption_weights: bool}; default from the use_* keys"),
+    "stage_patience": Key((int,), 0, "also move to the next stage after this many epochs without a better val "
+                          "r_mean (0 = only at start_epoch)"),
     "use_affil_loss": Key((bool,), None, "add the affiliation loss (PIR/FISVL; derives `stages`)"),
     "center_factor": Key((float,), None, "affiliation loss weight (PIR/FISVL; derives `stages`)"),
     "use_scene_loss": Key((bool,), None, "FISVL's two stages: contr + affil + scene, then weighted contr + affil "
                           "from epoch 10 (derives `stages`)"),
     "scene_factor": Key((float,), None, "scene loss weight (FISVL; derives `stages`)"),
     "use_triplet_loss": Key((bool,), None, "VSE++ triplet loss (PIR); not implemented, only false is accepted"),
-    "filter_size": Key((int,), None, "VIR top-k tokens (PIR)"),
-    "instru_num": Key((int,), None, "Spatial-PAE depth (PIR)"),
-    "cycle_num": Key((int,), None, "Temporal-PAE depth (PIR)"),
-    "head": Key((int,), None, "attention heads of PAE (PIR)"),
 }
+
+_EVALUATION: Section = {
+    "select_on": Key((str,), "val", "split whose r_mean picks checkpoint_best.pth", choices=("val", "test")),
+    "eval_test_every_epoch": Key((bool,), True, "also evaluate test each epoch (logged, never used to select)"),
+    "print_freq": Key((int,), 50, "console progress line every N iterations"),
+    "legacy_log_footer": Key((bool,), False, "also append X-VLM's `best epoch: N` line to log.txt"),
+}
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """Config keys declared together, by the module that reads them. ``models``: the models whose configs
+    must give the group's required keys (``None``: every model)."""
+
+    title: str
+    keys: Section
+    models: tuple[str, ...] | None = None
+
+
+_GROUPS: dict[str, KeyGroup] = {}
+
+
+def register_keys(title: str, keys: Section, models: tuple[str, ...] | None = None) -> None:
+    """Declare config keys beside the code that reads them (a model, a loss); YAMLs stay flat, so a key
+    name may belong to one group only."""
+    clash = sorted(set(keys) & set(schema()))
+    if clash:
+        raise ValueError(f"config keys {clash} of '{title}' are already declared by another group")
+    _GROUPS[title] = KeyGroup(title, keys, models)
+
+
+def schema() -> dict[str, Key]:
+    """Every declared top-level key (the core groups, and those the imported models and losses declared)."""
+    return {name: key for group in _GROUPS.values() for name, key in group.keys.items()}
+
+
+for _title, _keys in (("Data", _DATA), ("Model (every model)", _MODEL), ("Optimisation", _OPTIMISATION),
+                      ("Loss stages", _STAGES), ("Evaluation and logging", _EVALUATION)):
+    register_keys(_title, _keys)
 
 _SECTIONS: dict[str, Section] = {"optimizer": _OPTIMIZER, "schedular": _SCHEDULER, "synthetic_data": _SYNTHETIC_DATA,
                                   "caption_weight": _CAPTION_WEIGHT, "image_decode": _IMAGE_DECODE}
@@ -201,6 +199,13 @@ def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
     """`` (did you mean '<closest>'?)`` for an error message, or an empty string when nothing is close."""
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _unregistered_hint(prefix: str) -> str:
+    """Models and losses declare their keys when ``models`` is imported; say so when none has."""
+    if prefix or any(group.models is not None for group in _GROUPS.values()):
+        return ""
+    return " (no model has declared its keys: import models before loading a config)"
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -221,7 +226,7 @@ def _check_value(value: Any, key: Key, where: str) -> Any:
     if key.choices is not None and value not in key.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {list(key.choices)}")
     if key.is_path and value is not None:
-        expand = lambda p: os.path.expanduser(os.path.expandvars(p))  # noqa: E731
+        expand = lambda p: os.path.expanduser(os.path.expandvars(p)) if isinstance(p, str) else p  # noqa: E731
         value = [expand(p) for p in value] if isinstance(value, list) else expand(value)
     return value
 
@@ -233,7 +238,8 @@ def _validate(raw: Mapping[str, Any], schema: Section, source: str, prefix: str 
         name = _ALIASES.get(name, name) if not prefix else name
         where = f"{source}: key '{prefix}{name}'"
         if not isinstance(name, str) or name not in schema:
-            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{did_you_mean(str(name), schema, prefix)}")
+            hint = did_you_mean(str(name), schema, prefix) or _unregistered_hint(prefix)
+            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{hint}")
         if name in out:
             raise ConfigError(f"{where} is given twice (once under an alias)")
         key = schema[name]
@@ -247,7 +253,8 @@ def _validate(raw: Mapping[str, Any], schema: Section, source: str, prefix: str 
         if name in out:
             continue
         if key.required:
-            raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({key.doc})")
+            out[name] = _MISSING
+            continue
         section = _SECTIONS.get(prefix + name)
         out[name] = _validate({}, section, source, f"{prefix}{name}.") if section and key.default == {} else key.default
     return out
@@ -302,6 +309,24 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+def _check_required(config: dict[str, Any], source: str) -> None:
+    """A required key is an error to leave out when its group applies to the config's model; otherwise it
+    is ``None``. Nested sections (``optimizer.lr``) belong to core groups and always apply."""
+    for group in _GROUPS.values():
+        applies = group.models is None or config["model"] in group.models
+        for name, key in group.keys.items():
+            if config.get(name) is _MISSING:
+                if applies:
+                    models = f", for model {config['model']}" if group.models else ""
+                    raise ConfigError(f"{source}: missing required key '{name}' ({key.doc}{models})")
+                config[name] = None
+            section = _SECTIONS.get(name)
+            if section is not None and isinstance(config.get(name), dict):
+                for sub, value in config[name].items():
+                    if value is _MISSING:
+                        raise ConfigError(f"{source}: missing required key '{name}.{sub}' ({section[sub].doc})")
+
+
 def _legacy_aliases(config: dict[str, Any]) -> None:
     """Fold legacy spellings into their canonical keys."""
     if config["temp"] is not None:
@@ -330,12 +355,15 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[
     overrides = list(overrides)
     raw = apply_overrides(dict(raw), overrides)
     source = f"{path}" + (" (with command-line overrides)" if overrides else "")
-    config = _validate(raw, SCHEMA, source)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Validate a config given as a mapping (a checkpoint's ``config``): unknown keys and wrong types are
+    errors naming ``source``; defaults are filled in, so a config written before a key existed still loads."""
+    config = _validate(raw, schema(), source)
     _legacy_aliases(config)
-    unknown = [part for part in config["allow_random_init"] if part not in RANDOM_INIT_PARTS]
-    if unknown:
-        raise ConfigError(f"{source}: allow_random_init names {unknown}; the encoders are "
-                          f"{', '.join(RANDOM_INIT_PARTS)}")
+    _check_required(config, source)
     return config
 
 
@@ -355,16 +383,21 @@ def _plain(value: Any) -> Any:
 
 
 def config_reference() -> str:
-    """Markdown table of every key, its type, default and meaning (the README's config reference)."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    """Markdown tables of every key, its type, default and meaning, one per group of keys (the README's
+    config reference)."""
+    out: list[str] = []
 
-    def add(schema: Section, prefix: str) -> None:
-        for name, key in schema.items():
+    def add(rows: list[str], section: Section, prefix: str) -> None:
+        for name, key in section.items():
             default = "required" if key.required else f"`{key.default!r}`"
             choices = f" One of {', '.join(map(str, key.choices))}." if key.choices else ""
             rows.append(f"| `{prefix}{name}` | {_type_name(key.types)} | {default} | {key.doc}.{choices} |")
             if prefix + name in _SECTIONS:
-                add(_SECTIONS[prefix + name], f"{prefix}{name}.")
+                add(rows, _SECTIONS[prefix + name], f"{prefix}{name}.")
 
-    add(SCHEMA, "")
-    return "\n".join(rows) + "\n"
+    for group in _GROUPS.values():
+        rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        add(rows, group.keys, "")
+        models = f" (required keys apply to: {', '.join(group.models)})" if group.models else ""
+        out.append(f"**{group.title}**{models}\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(out)

@@ -7,6 +7,11 @@ candidate index (the earlier candidate ranks higher), i.e. a stable sort; X-VLM 
 * image -> text (``txt_r*``): an image's rank is the best rank among its ground-truth captions;
 * text -> image (``img_r*``): a caption's rank is the rank of its single image;
 * ``r_mean`` is the mean of the six recalls. All values are percentages.
+
+Nothing is sorted: a target's rank is the number of candidates that outrank it (a higher score, or an equal
+one with a lower index), counted in blocks of image rows against each row's and each column's target score.
+Scores with NaN or inf raise ``NonFiniteScoresError`` instead of yielding recalls (NaN compares False, so a
+diverged model would otherwise score 100 %).
 """
 from __future__ import annotations
 
@@ -18,48 +23,93 @@ RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
-def _ranks_of_targets(scores: torch.Tensor, target_score: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
-    """Rank of one target per row: candidates scoring higher, plus equal-scoring ones with a lower index."""
-    candidates = torch.arange(scores.shape[1], device=scores.device)
-    higher = (scores > target_score[:, None]).sum(1)
-    tied_before = ((scores == target_score[:, None]) & (candidates[None, :] < target_index[:, None])).sum(1)
-    return higher + tied_before
+class NonFiniteScoresError(ValueError):
+    """NaN/inf scores: every comparison with NaN is False, so NaN scores would put every target first (100 %)."""
 
 
-def _chunked_ranks(scores: torch.Tensor, positives: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Best rank among each row's positive candidates; rows are processed ``chunk`` at a time to bound memory."""
-    ranks = []
-    for start in range(0, scores.shape[0], chunk):
-        rows, pos = scores[start:start + chunk], positives[start:start + chunk]
-        best_score = rows.masked_fill(~pos, float("-inf")).max(1).values
-        # the first positive reaching the best score is the best-ranked positive under the stable tie rule
-        first_best = (pos & (rows == best_score[:, None])).int().argmax(1)
-        ranks.append(_ranks_of_targets(rows, best_score, first_best))
-    return torch.cat(ranks)
+def _check_finite(sims: torch.Tensor) -> None:
+    """Refuse NaN/inf scores. ``aminmax`` (one reduction, on the scores' device) propagates NaN and exposes
+    +-inf, and costs a fraction of ``isfinite(sims).all()``; only the error path counts what is affected."""
+    if sims.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(sims))).all()):
+        return
+    bad = ~torch.isfinite(sims)
+    n_img, n_txt = sims.shape
+    raise NonFiniteScoresError(
+        f"{int(bad.sum())} of {sims.numel()} scores are non-finite (NaN or inf): {int(bad.any(1).sum())} of {n_img} "
+        f"images have a non-finite score, as do {int(bad.any(0).sum())} of {n_txt} texts. The model's embeddings "
+        f"are NaN/inf (a diverged model); no recall can be computed from them")
+
+
+def _best_positives(sims: torch.Tensor, owner: torch.Tensor,
+                    captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the best score among its captions and the first caption reaching it (its best-ranked one)."""
+    scores = sims[owner, captions]
+    best = torch.empty(sims.shape[0], dtype=sims.dtype, device=sims.device)
+    best.scatter_reduce_(0, owner, scores, "amax", include_self=False)
+    reached = scores == best[owner]
+    first = torch.full((sims.shape[0],), sims.shape[1], dtype=torch.long, device=sims.device)
+    first.scatter_reduce_(0, owner[reached], captions[reached], "amin")
+    return best, first
+
+
+def _outranking(block: torch.Tensor, target: torch.Tensor, target_index: torch.Tensor, candidates: torch.Tensor,
+                dim: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Candidates along ``dim`` that outrank each target: a higher score, or an equal one and a lower index.
+
+    ``target``/``target_index`` broadcast against ``block`` (one per row or per column); ``candidates`` holds the
+    block's candidate indices along ``dim``. Two plain counts (``>`` and ``>=``) written as 0/1 into ``buffer`` (a
+    reused float tensor: comparing into floats and summing them is faster than bool counts) beat one count of the
+    combined condition; the tie term is added only where another candidate equals the target, which is rare
+    except for duplicated captions.
+    """
+    above = torch.gt(block, target, out=buffer).sum(dim).int()
+    equal = torch.ge(block, target, out=buffer).sum(dim).int() - above
+    own = ((target_index >= candidates.min()) & (target_index <= candidates.max())).squeeze(dim).int()
+    tied = (equal > own).nonzero().squeeze(1)  # another candidate of this block equals the target
+    if tied.numel():
+        other = 1 - dim
+        ties = ((block.index_select(other, tied) == target.index_select(other, tied))
+                & (candidates < target_index.index_select(other, tied)))
+        above.index_add_(0, tied, ties.sum(dim, dtype=torch.int32))
+    return above
 
 
 def retrieval_ranks(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
-                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks: (per image, best of its captions; per caption, of its image)."""
+                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks: (per image, best of its captions; per caption, of its image).
+
+    Each score is compared with its row's target (the image's best caption) and its column's target (the
+    caption's own image), ``chunk`` image rows at a time: no dense positive masks, no transposed copy.
+    """
     if sims.dim() != 2:
         raise ValueError(f"sims must be [n_images, n_texts], got shape {tuple(sims.shape)}")
     n_img, n_txt = sims.shape
     if len(img2txt) != n_img or len(txt2img) != n_txt:
         raise ValueError(f"sims is {n_img} x {n_txt} but img2txt has {len(img2txt)} images "
                          f"and txt2img {len(txt2img)} texts")
-    device = sims.device
-    txt2img_t = torch.as_tensor(list(txt2img), dtype=torch.long, device=device)
-    owner_rows = torch.as_tensor([i for i, caps in enumerate(img2txt) for _ in caps], dtype=torch.long)
-    owner_cols = torch.as_tensor([c for caps in img2txt for c in caps], dtype=torch.long)
-    positives = torch.zeros(n_img, n_txt, dtype=torch.bool, device=device)
-    positives[owner_rows.to(device), owner_cols.to(device)] = True
-    if not bool(positives.any(1).all()):
+    counts = torch.as_tensor([len(caps) for caps in img2txt], dtype=torch.long)
+    if bool((counts == 0).any()):
         raise ValueError("every image needs at least one caption in img2txt")
-    i2t = _chunked_ranks(sims, positives, chunk)
-    t2i_pos = torch.zeros(n_txt, n_img, dtype=torch.bool, device=device)
-    t2i_pos[torch.arange(n_txt, device=device), txt2img_t] = True
-    t2i = _chunked_ranks(sims.t(), t2i_pos, chunk)
-    return i2t, t2i
+    _check_finite(sims)
+    device = sims.device
+    owner = torch.repeat_interleave(torch.arange(n_img), counts).to(device)
+    captions = torch.as_tensor([c for caps in img2txt for c in caps], dtype=torch.long, device=device)
+    best, first = _best_positives(sims, owner, captions)
+    own_image = torch.as_tensor(list(txt2img), dtype=torch.long, device=device)[None, :]
+    own_score = sims.gather(0, own_image)
+    texts = torch.arange(n_txt, device=device)[None, :]
+    images = torch.arange(n_img, device=device)[:, None]
+    rows = min(chunk, n_img)  # float32 sums of 0/1 are exact up to 2**24 candidates per count
+    buffer = torch.empty(rows, n_txt, device=device,
+                         dtype=torch.float32 if max(rows, n_txt) < 2 ** 24 else torch.float64)
+    i2t = torch.empty(n_img, dtype=torch.int32, device=device)
+    t2i = torch.zeros(n_txt, dtype=torch.int32, device=device)
+    for start in range(0, n_img, chunk):
+        stop = min(start + chunk, n_img)
+        block, scratch = sims[start:stop], buffer[:stop - start]
+        i2t[start:stop] = _outranking(block, best[start:stop, None], first[start:stop, None], texts, 1, scratch)
+        t2i += _outranking(block, own_score, own_image, images[start:stop], 0, scratch)
+    return i2t.long(), t2i.long()
 
 
 def _recall(ranks: torch.Tensor, k: int) -> float:

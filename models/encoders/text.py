@@ -1,8 +1,9 @@
 """BERT text encoder from transformers, sized by a JSON config (PIR's ``config_bert.json``), no pooler."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from transformers import BertConfig, BertModel
@@ -19,10 +20,9 @@ class BertTextEncoder(BertModel):
         super().__init__(config, add_pooling_layer=False)
 
     @classmethod
-    def from_json(cls, path: str) -> "BertTextEncoder":
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"text_config JSON not found: {path}")
-        return cls(BertConfig.from_json_file(path))
+    def from_json(cls, path: str | dict[str, Any]) -> "BertTextEncoder":
+        """From PIR's ``config_bert.json``, or its contents (as a checkpoint carries them)."""
+        return cls(BertConfig.from_dict(read_text_config(path)))
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
@@ -63,6 +63,18 @@ class BertTextEncoder(BertModel):
             raise WeightsError(f"BERT folder {folder} has no weights ({' or '.join(WEIGHT_FILES)})")
         state = read_state_dict(files[0], "BERT weights")
         return load_into(self, self.remap_state(state), f"text encoder <- {files[0]}", allow_missing=allow_missing)
+
+
+def read_text_config(path: str | dict[str, Any]) -> dict[str, Any]:
+    """The BERT config JSON's contents (a dict is already its contents)."""
+    if isinstance(path, dict):
+        return dict(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"text_config JSON not found: {path}")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
 
 
 def remap_bert_key(key: str) -> str:

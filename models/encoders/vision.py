@@ -95,14 +95,18 @@ class ViTTokens(VisionTransformer):
         return load_into(self, self.remap_state(state), f"vision encoder <- {path}", allow_missing=allow_missing)
 
 
-def read_vision_config(path: str, default_arch: str) -> dict[str, Any]:
-    """Load and check a vision JSON; ``default_arch`` applies when it names none (PIR's ``use_swin``)."""
-    try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"vision_config JSON not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+def read_vision_config(path: str | dict[str, Any], default_arch: str) -> dict[str, Any]:
+    """Load and check a vision JSON (or its contents, as a checkpoint carries them); ``default_arch``
+    applies when it names none (PIR's ``use_swin``)."""
+    if isinstance(path, dict):
+        cfg, path = dict(path), "vision_config (inline)"
+    else:
+        try:
+            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"vision_config JSON not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from err
     arch = cfg.setdefault("arch", default_arch)
     if arch not in _REQUIRED_KEYS:
         raise ValueError(f"{path}: arch must be one of {sorted(_REQUIRED_KEYS)}, got {arch!r}")
