@@ -5,7 +5,8 @@
    previous vectorised form (dense positive masks, a transposed pass, kept below verbatim) on RSICD-sized
    scores, 1,093 images x 5,465 captions; all three give the same numbers.
 2. Training step: the framework's ``train_one_epoch`` (task module, objective with gathering hooks,
-   autocast context, scaler, scheduler, loss bookkeeping, progress line) against a bare
+   autocast context, scaler, scheduler, NaN guard with its gradient norm, loss bookkeeping, progress
+   line) against a bare
    forward + loss + backward + AdamW step of the same model on the same batch.
 
     python benchmarks/bench_core.py [--steps 20] [--device cpu] [--only ranking|train]
@@ -30,8 +31,8 @@ from models.losses import contrastive_loss  # noqa: E402
 from models.objective import build_objective  # noqa: E402
 from models.task import RetrievalTask  # noqa: E402
 from optim import create_optimizer  # noqa: E402
-from Retrieval import train_one_epoch  # noqa: E402
-from scheduler import create_scheduler  # noqa: E402
+from Retrieval import TrainState, to_device, train_one_epoch  # noqa: E402
+from scheduler import create_scheduler, parse_stages  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.metrics import METRIC_KEYS, RECALL_KS, retrieval_metrics  # noqa: E402
 from utils.precision import grad_scaler  # noqa: E402
@@ -132,29 +133,31 @@ def bench_train_step(device: torch.device, steps: int) -> None:
     batch_size, res = config["batch_size_train"], config["image_res"]
     gen = torch.Generator().manual_seed(0)
     batch = {"images": torch.randn(batch_size, 3, res, res, generator=gen),
-             "input_ids": torch.randint(5, 190, (batch_size, 16), generator=gen),
-             "attention_mask": torch.ones(batch_size, 16, dtype=torch.long),
-             "image_idx": torch.arange(batch_size) // 5, "label": torch.zeros(batch_size, dtype=torch.long)}
+             "text": {"input_ids": torch.randint(5, 190, (batch_size, 16), generator=gen),
+                      "attention_mask": torch.ones(batch_size, 16, dtype=torch.long)},
+             "image_idx": torch.arange(batch_size) // 5, "caption_weight": torch.ones(batch_size)}
+    stages = parse_stages(config)
 
-    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def fresh() -> tuple[RetrievalTask, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = build_model(config, pretrained=False).to(device).train()
-        return model, create_optimizer(config["optimizer"], model)
+        task = RetrievalTask(model, build_objective(config, stages))
+        return task, create_optimizer(config["optimizer"], model, task.objective)
 
-    model, optimizer = fresh()
-    task = RetrievalTask(model, build_objective(config))
-    scheduler = create_scheduler(config["schedular"], optimizer, steps)
+    task, optimizer = fresh()
+    scheduler = create_scheduler(config["schedular"], optimizer, steps + 3)
     scaler = grad_scaler(config["precision"], device)
-    train_one_epoch(task, [batch] * 3, optimizer, scheduler, scaler, 0, config, device)  # warm-up
+    train_one_epoch(task, [batch] * 3, optimizer, scheduler, scaler, 0, config, device, TrainState())  # warm-up
     start = time.perf_counter()
-    train_one_epoch(task, [batch] * steps, optimizer, scheduler, scaler, 0, config, device)
+    train_one_epoch(task, [batch] * steps, optimizer, scheduler, scaler, 0, config, device, TrainState())
     t_framework = (time.perf_counter() - start) / steps
 
-    model, optimizer = fresh()
-    on_device = {k: v.to(device) for k, v in batch.items()}
+    task, optimizer = fresh()
+    model = task.model
+    on_device = to_device(batch, device)
 
     def bare_step() -> None:
-        out = model(on_device["images"], on_device["input_ids"], on_device["attention_mask"])
+        out = model(on_device)
         loss = contrastive_loss(out["image_feat"], out["text_feat"], on_device["image_idx"], out["temp"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
