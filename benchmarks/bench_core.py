@@ -71,13 +71,9 @@ def _chunked_ranks(scores: torch.Tensor, positives: torch.Tensor, chunk: int) ->
 
 def previous_retrieval_ranks(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
                              chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks: (per image, best of its captions; per caption, of its image)."""
-    if sims.dim() != 2:
-        raise ValueError(f"sims must be [n_images, n_texts], got shape {tuple(sims.shape)}")
+    """0-based ranks: (per image, best of its captions; per caption, of its image). The argument checks of
+    the original are left out: the benchmark's inputs are well-formed."""
     n_img, n_txt = sims.shape
-    if len(img2txt) != n_img or len(txt2img) != n_txt:
-        raise ValueError(f"sims is {n_img} x {n_txt} but img2txt has {len(img2txt)} images "
-                         f"and txt2img {len(txt2img)} texts")
     device = sims.device
     txt2img_t = torch.as_tensor(list(txt2img), dtype=torch.long, device=device)
     owner_rows = torch.as_tensor([i for i, caps in enumerate(img2txt) for _ in caps], dtype=torch.long)

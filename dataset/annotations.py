@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .captions import pre_caption
-from .images import candidate_paths, load_rgb, resolve_image_path
+from .images import candidate_paths, decode_problem, resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,7 @@ def _image_problem(image_root: str, image: str, check_decode: bool,
         return None, f"image not found (tried {' and '.join(candidate_paths(image_root, image))})"
     if decode_problems is not None:
         return path, decode_problems.get(path)
-    if check_decode:
-        try:
-            load_rgb(path)
-        except Exception as err:  # Pillow raises several types for corrupt files
-            return path, f"cannot decode image {path}: {err}"
-    return path, None
+    return path, decode_problem(path) if check_decode else None
 
 
 def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from utils.distributed import all_gather_object, shard_range
 
 from .annotations import read_json_list
-from .images import ImageDecoding, load_rgb, resolve_image_path
+from .images import ImageDecoding, decode_problem, resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,7 @@ def image_paths(files: Iterable[str], image_root: str) -> list[str]:
 
 def _problem(job: tuple[str, ImageDecoding]) -> tuple[str, str | None]:
     path, decoding = job
-    try:
-        load_rgb(path, decoding)
-    except Exception as err:  # Pillow and rasterio raise several types for corrupt files
-        return path, f"cannot decode image {path}: {err}"
-    return path, None
+    return path, decode_problem(path, decoding)
 
 
 def decode_problems(paths: list[str], decoding: ImageDecoding, workers: int,

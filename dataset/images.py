@@ -108,6 +108,16 @@ def load_rgb(path: str | Path, decoding: ImageDecoding | None = None) -> Image.I
     return _raster_rgb(path, decoding, f"Pillow reads it as mode {mode}")
 
 
+def decode_problem(path: str | Path, decoding: ImageDecoding | None = None) -> str | None:
+    """Why ``path`` does not decode (``"cannot decode image PATH: ..."``), or ``None`` when it does: the one
+    message every image check gives."""
+    try:
+        load_rgb(path, decoding)
+    except Exception as err:  # Pillow and rasterio raise several types for corrupt files
+        return f"cannot decode image {path}: {err}"
+    return None
+
+
 def _pillow_shows_samples(img: Image.Image, path: str | Path) -> bool:
     """False where Pillow's mode hides the samples: high-depth modes, 16-bit PNG colour (truncated to its high
     byte), JPEG2000 (mode RGB whatever the depth), TIFFs with extra, signed or float samples."""

@@ -24,6 +24,22 @@ TINY_BERT = {"model_type": "bert", "vocab_size": 256, "hidden_size": 32, "num_hi
              "type_vocab_size": 2, "pad_token_id": 0}
 
 
+# The smallest valid config (file paths need not exist until data or a model is built).
+MINIMAL_CONFIG = """\
+train_file: t.json
+val_file: v.json
+test_file: s.json
+image_root: images/
+vision_config: v.json
+text_config: b.json
+text_encoder: bert/
+image_res: 224
+batch_size_train: 8
+optimizer: {opt: adamW, lr: 6e-5, weight_decay: 0.01, lr_mult: 2}
+schedular: {sched: linear, lr: 6e-5, epochs: 20, num_warmup_steps: 0.1}
+"""
+
+
 def write_json(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data), encoding="utf-8")
     return path

@@ -5,23 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MINIMAL_CONFIG
 from utils.config import ConfigError, config_reference, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MINIMAL = """\
-train_file: t.json
-val_file: v.json
-test_file: s.json
-image_root: images/
-vision_config: v.json
-text_config: b.json
-text_encoder: bert/
-image_res: 224
-batch_size_train: 8
-optimizer: {opt: adamW, lr: 6e-5, weight_decay: 0.01, lr_mult: 2}
-schedular: {sched: linear, lr: 6e-5, epochs: 20, num_warmup_steps: 0.1}
-"""
+MINIMAL = MINIMAL_CONFIG
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -15,6 +15,7 @@ import rasterio
 from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
+from conftest import MINIMAL_CONFIG
 from dataset.images import ImageDecodeError, ImageDecoding, load_rgb
 from utils.config import ConfigError, load_config
 
@@ -282,30 +283,17 @@ def test_truncated_16bit_file_fails_naming_it(tmp_path: Path, suffix: str) -> No
 # ----------------------------------------------------------------------------- config
 
 
-CONFIG = """\
-train_file: t.json
-val_file: v.json
-test_file: s.json
-image_root: images/
-vision_config: v.json
-text_config: b.json
-text_encoder: bert/
-image_res: 224
-batch_size_train: 8
-optimizer: {opt: adamW, lr: 6e-5}
-schedular: {sched: linear, epochs: 20}
-"""
 
 
 def test_config_section_defaults_and_values(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG, encoding="utf-8")
+    path.write_text(MINIMAL_CONFIG, encoding="utf-8")
     assert ImageDecoding.from_config(load_config(path)["image_decode"]) == ImageDecoding()
-    path.write_text(CONFIG + "image_decode: {scale: percentile, percentiles: [1, 99], bands: [3, 2, 1]}\n",
+    path.write_text(MINIMAL_CONFIG + "image_decode: {scale: percentile, percentiles: [1, 99], bands: [3, 2, 1]}\n",
                     encoding="utf-8")
     decoding = ImageDecoding.from_config(load_config(path)["image_decode"])
     assert decoding == ImageDecoding("percentile", None, (1.0, 99.0), (3, 2, 1))
-    path.write_text(CONFIG + "image_decode: {value_max: 4095}\n", encoding="utf-8")
+    path.write_text(MINIMAL_CONFIG + "image_decode: {value_max: 4095}\n", encoding="utf-8")
     assert ImageDecoding.from_config(load_config(path)["image_decode"]).value_max == 4095.0
 
 
