@@ -148,7 +148,7 @@ _STAGES: Section = {
     "use_scene_loss": Key((bool,), None, "FISVL's two stages: contr + affil + scene, then weighted contr + affil "
                           "from epoch 10 (derives `stages`)"),
     "scene_factor": Key((float,), None, "scene loss weight (FISVL; derives `stages`)"),
-    "use_triplet_loss": Key((bool,), None, "VSE++ triplet loss (PIR); not implemented, only false is accepted"),
+    "use_triplet_loss": Key((bool,), None, "PIR's VSE++ triplet loss instead of every other loss (derives `stages`)"),
 }
 
 _EVALUATION: Section = {
@@ -335,8 +335,6 @@ def _legacy_aliases(config: dict[str, Any]) -> None:
         config["model"] = "swin_bert_cl"
     if config["model"] is None:
         config["model"] = "fisvl" if config["use_scene_loss"] else "swin_bert_cl"
-    if config["use_triplet_loss"]:
-        raise ConfigError("use_triplet_loss: true is not supported (PIR's VSE++ triplet variant); set it to false")
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
