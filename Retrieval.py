@@ -330,8 +330,10 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
         write_log(output_dir, state.history, summary_lines(state, config) if complete else [])
     wrapped: nn.Module = task
     if info.distributed:
-        # a loss that owns parameters (the affiliation temperature) and is off in some stage leaves them unused
-        unused = any(stages.varies(name) for name, loss in task.objective.losses.items() if any(loss.parameters()))
+        # a loss that owns parameters (the affiliation temperature) and is off in some stage leaves them unused,
+        # and so does a stage that reads no model output beyond the embeddings (the model's temperature)
+        unused = (any(stages.varies(name) for name, loss in task.objective.losses.items() if any(loss.parameters()))
+                  or task.objective.leaves_model_outputs_unread(stages.stages))
         wrapped = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=unused)
     board = TensorBoard(output_dir / "tensorboard" if info.is_main else None, purge_step=state.epoch)

@@ -30,6 +30,8 @@ TASKS = {
     "demo_baseline": "configs/demo_swin_bert_cl.yaml",
     "itr_rsitmd": "configs/Retrieval_rsitmd.yaml",
     "itr_rsicd": "configs/Retrieval_rsicd.yaml",
+    "itr_rsitmd_pir": "configs/Retrieval_rsitmd_pir.yaml",
+    "itr_rsicd_pir": "configs/Retrieval_rsicd_pir.yaml",
 }
 
 # PIR/X-VLM --dist presets: visible GPUs and processes per node. gpuN (one process on GPU N) and cpu are

@@ -46,13 +46,20 @@ def create_scheduler(sched_config: dict[str, Any], optimizer: torch.optim.Optimi
 # --- The value-guided stage schedule (FISVL's VGLF): which losses, with which weights, in which epochs.
 
 _STAGE_KEYS = ("name", "start_epoch", "losses", "caption_weights")
-_LEGACY_LOSS_KEYS = ("use_affil_loss", "center_factor", "use_scene_loss", "scene_factor")
+_LEGACY_LOSS_KEYS = ("use_affil_loss", "center_factor", "use_scene_loss", "scene_factor", "use_triplet_loss")
 PUBLISHED_STAGE2_START = 10  # FISVL hard-codes the switch at epoch 10 of 20
 
 
-def legacy_stages(config: dict[str, Any]) -> list[dict[str, Any]]:
+def legacy_stages(config: dict[str, Any], source: str = "config") -> list[dict[str, Any]]:
     """The stages PIR/FISVL YAMLs imply: contrastive (+ affiliation); with ``use_scene_loss`` FISVL's two
-    stages, contr + affil + scene and then weighted contr + affil from epoch 10."""
+    stages, contr + affil + scene and then weighted contr + affil from epoch 10; with ``use_triplet_loss``
+    PIR's triplet loss alone, which replaces every other loss."""
+    if config["use_triplet_loss"]:
+        others = [key for key in ("use_affil_loss", "use_scene_loss") if config[key]]
+        if others:  # PIR's code would silently drop the triplet loss for the affiliation one
+            raise ConfigError(f"{source}: use_triplet_loss replaces every other loss, but {others} also choose "
+                              f"one; set them to false (or use `stages`)")
+        return [{"name": "triplet", "start_epoch": 0, "losses": {"triplet": 1.0}}]
     losses = {"contr": 1.0}
     if config["use_affil_loss"]:
         losses["affil"] = 1.0 if config["center_factor"] is None else config["center_factor"]
@@ -92,7 +99,7 @@ def parse_stages(config: dict[str, Any], source: str = "config") -> list[Stage]:
     """Check ``config['stages']`` (or derive it from the legacy ``use_*`` keys) against the run's settings."""
     raw = config["stages"]
     if raw is None:
-        raw = legacy_stages(config)
+        raw = legacy_stages(config, source)
     else:
         given = [key for key in _LEGACY_LOSS_KEYS if config[key] is not None]
         if given:

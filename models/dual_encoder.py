@@ -26,9 +26,9 @@ from .text import BertWordPieceProcessor, TextProcessor
 
 log = logging.getLogger(__name__)
 
-XVLM_LINEAGE = ("swin_bert_cl", "fisvl")
+XVLM_LINEAGE = ("swin_bert_cl", "fisvl", "pir")
 
-register_keys("X-VLM lineage: Swin/ViT + BERT towers (swin_bert_cl, fisvl)", {
+register_keys("X-VLM lineage: Swin/ViT + BERT towers (swin_bert_cl, fisvl, pir)", {
     "vision_config": Key((str, dict), doc="vision encoder JSON (arch, sizes, optional ckpt), or its contents",
                          is_path=True),
     "text_config": Key((str, dict), doc="BERT config JSON, or its contents", is_path=True),
@@ -40,10 +40,6 @@ register_keys("X-VLM lineage: Swin/ViT + BERT towers (swin_bert_cl, fisvl)", {
     "text_attention_mask": Key((bool,), True, "pass BERT its attention mask (false reproduces PIR/FISVL)"),
     "is_baseline": Key((bool,), False, "PIR/FISVL switch for the plain Swin+BERT model (alias of model: swin_bert_cl)"),
     "k_test": Key((int,), None, "X-VLM re-rank depth; unused by dual encoders"),
-    "filter_size": Key((int,), None, "VIR top-k tokens (PIR)"),
-    "instru_num": Key((int,), None, "Spatial-PAE depth (PIR)"),
-    "cycle_num": Key((int,), None, "Temporal-PAE depth (PIR)"),
-    "head": Key((int,), None, "attention heads of PAE (PIR)"),
 }, models=XVLM_LINEAGE)
 
 

@@ -12,75 +12,53 @@ checkpoints (``conv_encoder``, ``conv_proj``, ``img_gcn.{k}``, ``head_img``, ``t
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.config import Key, register_keys
-from utils.weights import Remapped, StateDict, WeightsError, patterns_under, with_prefix
+from utils.weights import Remapped, StateDict, with_prefix
 
 from ._registry import register_model
-from .dual_encoder import DualEncoder, random_init
-from .encoders.resnet import PriorCNN
 from .fusion import SFGS, GraphReasoning
+from .prior import PriorDualEncoder, fusion_steps
 from .text import TextProcessor
-
-log = logging.getLogger(__name__)
 
 register_keys("FISVL (fisvl)", {
     "fgis": Key((bool,), True, "FISVL: fuse CNN global/local tokens with the Swin tokens by graph reasoning"),
-    "conv_arch": Key((str,), "resnet50", "FISVL/PIR prior CNN (torchvision layout)",
-                     choices=("resnet18", "resnet34", "resnet50")),
-    "resnet_ckpt": Key((str,), None, "prior CNN weights (FISVL/PIR; torchvision layout, e.g. RSP's ResNet-50)",
-                       is_path=True),
-    "finetune_conv": Key((bool,), False, "train the prior CNN (FISVL/PIR keep it frozen)"),
-    "conv_bn_train_mode": Key((bool,), True, "frozen CNN's BatchNorm in train mode, so batch statistics are used "
-                              "and running statistics drift (as published); false = eval mode"),
     "sfgs": Key((str,), "frozen", "FISVL's SFGS token: frozen (as published: random and never trained), "
                 "trainable, or off", choices=("frozen", "trainable", "off")),
     "img_gcn_step": Key((int,), 2, "FISVL: graph-reasoning steps over the image nodes"),
-    "dropout_r": Key((float,), 0.2, "dropout of the fusion blocks (FISVL/PIR)"),
 })
 
 
-class FISVL(DualEncoder):
+class FISVL(PriorDualEncoder):
     """Ablation switches: ``fgis`` (the whole fusion), ``sfgs`` (frozen / trainable / off), ``img_gcn_step``,
-    ``finetune_conv`` and ``conv_bn_train_mode`` (the frozen CNN's BatchNorm as published, or in eval mode)."""
-
-    encoder_names = ("vision_encoder", "text_encoder", "conv_encoder")
+    ``finetune_conv`` and ``conv_bn_train_mode`` (the frozen CNN's BatchNorm as published, or in eval mode);
+    ``init: published`` starts the graph steps equal and SFGS as the published ResNet initialises it."""
 
     def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None) -> None:
-        super().__init__(config, text_processor)
-        self.use_fgis = config["fgis"]
-        if not self.use_fgis:
+        super().__init__(config, text_processor, use_prior=config["fgis"])
+        if not self.use_prior:
             return
         dim = config["embed_dim"]
-        self.finetune_conv = config["finetune_conv"]
+        published = config["init"] == "published"
         self.sfgs_trainable = config["sfgs"] == "trainable"
-        self.conv_bn_train_mode = config["conv_bn_train_mode"]
-        self.conv_encoder = PriorCNN(config["conv_arch"]).requires_grad_(self.finetune_conv)
-        self.conv_proj = nn.Linear(self.conv_encoder.width, dim)
         self.sfgs = None
         if config["sfgs"] != "off":
             self.sfgs = SFGS(self.conv_encoder.stem_channels, dim, config["dropout_r"]).requires_grad_(self.sfgs_trainable)
-        self.img_gcn = nn.ModuleList(GraphReasoning(dim) for _ in range(config["img_gcn_step"]))
+            if published:
+                self.sfgs.init_as_published()
+        self.img_gcn = fusion_steps(lambda: GraphReasoning(dim), config["img_gcn_step"], published)
         self.head_img = nn.Linear(dim, dim)
         self.fgis_dropout = nn.Dropout(config["dropout_r"])
 
-    def train(self, mode: bool = True) -> "FISVL":
-        """As published, ``train()`` also puts the frozen CNN (and a frozen SFGS) in train mode: batch
-        statistics, drifting running statistics, active dropout. ``conv_bn_train_mode: false`` keeps
-        the frozen parts in eval mode instead."""
-        super().train(mode)
-        if mode and self.use_fgis and not self.conv_bn_train_mode:
-            for part, trainable in ((self.conv_encoder, self.finetune_conv), (self.sfgs, self.sfgs_trainable)):
-                if part is not None and not trainable:
-                    part.eval()
-        return self
+    def frozen_parts(self) -> list[nn.Module]:
+        """The frozen CNN and, unless it trains, SFGS."""
+        sfgs = [self.sfgs] if self.use_prior and self.sfgs is not None and not self.sfgs_trainable else []
+        return super().frozen_parts() + sfgs
 
     def prior_nodes(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The CNN global token and, with SFGS, the fine-grained token; frozen parts run without autograd."""
@@ -95,7 +73,7 @@ class FISVL(DualEncoder):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.vision_proj(self.vision_encoder.forward_tokens(images))  # [B, 1 + L, d]
         pooled = tokens[:, 0]
-        if not self.use_fgis:
+        if not self.use_prior:
             return F.normalize(pooled, dim=-1)
         prior = self.prior_nodes(images)
         nodes = torch.cat([torch.stack(prior, 1), tokens], 1)
@@ -103,28 +81,6 @@ class FISVL(DualEncoder):
             nodes = step(nodes)
         fused = nodes[:, len(prior)]  # the Swin pooled-token node
         return F.normalize(pooled + self.fgis_dropout(self.head_img(fused)), dim=-1)
-
-    def encoders(self) -> dict[str, nn.Module]:
-        return {**super().encoders(), "conv_encoder": self.conv_encoder} if self.use_fgis else super().encoders()
-
-    def pretrained_sources(self, config: dict[str, Any]) -> dict[str, str | None]:
-        sources = super().pretrained_sources(config)
-        return {**sources, "conv_encoder": config["resnet_ckpt"] or None} if self.use_fgis else sources
-
-    def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
-        parts = list(self.encoders()) if parts is None else list(parts)
-        super().load_pretrained(config, [part for part in parts if part != "conv_encoder"])
-        if "conv_encoder" not in parts:
-            return
-        path = config["resnet_ckpt"]
-        if not path:
-            random_init("conv_encoder", config, "resnet_ckpt is not set" + (
-                "" if self.finetune_conv else "; the prior CNN is frozen, so it stays random"))
-            return
-        if not Path(path).is_file():
-            raise WeightsError(f"resnet_ckpt not found: {path} (the prior CNN's weights, e.g. RSP's "
-                               f"aid_28-rsp-resnet-50-ckpt.pth; see the README's weights section)")
-        self.conv_encoder.load_pretrained(path, patterns_under(config["allow_missing_weights"], "conv_encoder."))
 
     def remap_checkpoint(self, state: StateDict) -> Remapped:
         """Released FISVL checkpoints keep SFGS inside the ResNet (``conv_encoder.loc_fea1.*``); it moves to

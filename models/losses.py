@@ -141,6 +141,32 @@ def scene_adaptive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image
     return total / 2
 
 
+def triplet_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: torch.Tensor | float = 0.2,
+                 max_violation: bool = False, rows: slice | None = None) -> torch.Tensor:
+    """VSE++'s bidirectional hinge loss (PIR's ``use_triplet_loss``), summed over every violation.
+
+    ``scores[i, j]`` is the score of item i's image with item j's caption; item i's positive is the diagonal
+    ``scores[i, i]``. Every caption of another image is a negative of image i, and every other image a negative
+    of caption j; captions of the same image are not negatives of each other (the published code only masks
+    the diagonal). ``margin`` is a float or a [B, B] tensor, ``margin[i, j]`` being the margin of the pair
+    (image i, caption j) in both directions. ``max_violation`` keeps each anchor's hardest negative only.
+    ``rows`` restricts the anchors (images and captions) to this process's items; the sum over all
+    processes' rows is the full loss.
+    """
+    rows = slice(None) if rows is None else rows
+    scores = _at_least_fp32(scores)
+    margin = torch.as_tensor(margin, dtype=scores.dtype, device=scores.device).expand_as(scores)
+    positive = scores.diagonal()
+    negative = image_ids[:, None] != image_ids[None, :]
+    # image i against the captions j of other images: margin + s(i, j) - s(i, i), per row
+    cost_caption = (margin[rows] + scores[rows] - positive[rows, None]).clamp(min=0) * negative[rows]
+    # caption j against the images i of other images: margin + s(i, j) - s(j, j), per column
+    cost_image = (margin[:, rows] + scores[:, rows] - positive[None, rows]).clamp(min=0) * negative[:, rows]
+    if max_violation:
+        return cost_caption.amax(1).sum() + cost_image.amax(0).sum()
+    return cost_caption.sum() + cost_image.sum()
+
+
 # --- The registered loss modules: what a stage's ``losses`` name. Each declares its config keys, the batch
 # fields it needs beyond ``image_idx`` and the parameters it owns, and calls its pure function above.
 
@@ -162,10 +188,12 @@ class LossInputs:
 
 
 class RetrievalLoss(nn.Module):
-    """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads."""
+    """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads;
+    ``model_outputs`` the model's outputs beyond the embeddings it reads (``temp``)."""
 
     name: ClassVar[str]
     sample_fields: ClassVar[tuple[str, ...]] = ()
+    model_outputs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check_config(cls, config: dict[str, Any], source: str) -> None:
@@ -188,6 +216,7 @@ class ContrastiveLoss(RetrievalLoss):
 
     name = "contr"
     sample_fields = ("caption_weight",)
+    model_outputs = ("temp",)
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -241,6 +270,7 @@ class SceneAdaptiveLoss(RetrievalLoss):
 
     name = "scene"
     sample_fields = ("label",)
+    model_outputs = ("temp",)
 
     @classmethod
     def check_config(cls, config: dict[str, Any], source: str) -> None:
@@ -257,3 +287,33 @@ class SceneAdaptiveLoss(RetrievalLoss):
         return scene_adaptive_loss(inputs.image_feat, inputs.text_feat, inputs.fields["image_idx"],
                                    inputs.fields["label"], inputs.features["temp"], inputs.epoch, self.alpha_m,
                                    self.beta1, self.beta2, self.mode, self.eps, inputs.rows)
+
+
+register_keys("Loss: triplet (VSE++ hinge)", {
+    "triplet_margin": Key((float,), 0.2, "triplet loss margin (PIR: 0.2)"),
+    "triplet_max_violation": Key((bool,), False, "triplet loss: hardest negative of each anchor only (VSE++'s "
+                                 "max_violation) instead of the sum over all violations (as PIR publishes it)"),
+})
+
+
+@register_loss
+class TripletLoss(RetrievalLoss):
+    """PIR's ``use_triplet_loss``: the VSE++ hinge on the cosine scores of the gathered batch, no temperature.
+
+    The loss is a sum, not a mean, so each process's rows give a part of it, and DDP averages the processes'
+    gradients. Each process therefore returns its part times the number of processes: the average of the
+    processes' values is the full loss, and the averaged gradients are the full loss's gradients, as on one
+    process holding the whole batch.
+    """
+
+    name = "triplet"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.margin, self.max_violation = config["triplet_margin"], config["triplet_max_violation"]
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        scores = inputs.image_feat @ inputs.text_feat.t()
+        loss = triplet_loss(scores, inputs.fields["image_idx"], self.margin, self.max_violation, inputs.rows)
+        processes = 1 if inputs.rows is None else inputs.image_feat.shape[0] // inputs.local_batch
+        return loss * processes

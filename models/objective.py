@@ -76,6 +76,11 @@ class RetrievalObjective(nn.Module):
         fields = ["image_idx"] + [f for loss in self.losses.values() for f in loss.sample_fields]
         return tuple(dict.fromkeys(fields))
 
+    def leaves_model_outputs_unread(self, stages: Iterable[Stage]) -> bool:
+        """Whether some stage's losses read none of the model's outputs beyond the embeddings (the triplet loss
+        alone): the model's temperature then gets no gradient, which DDP must be told."""
+        return any(not any(self.losses[name].model_outputs for name in stage.losses) for stage in stages)
+
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage
 

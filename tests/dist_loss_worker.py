@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py: one training step of a small two-tower model on a fixed global batch,
-with FISVL's loss terms (contrastive, affiliation, scene-adaptive; weighted contrastive in stage 2).
+with FISVL's loss terms (contrastive, affiliation, scene-adaptive; weighted contrastive in stage 2) and with
+PIR's triplet loss (a sum, where the others are means).
 
 Under torchrun every process takes its contiguous share of the batch and the model is wrapped in DDP;
 run plainly it is the single-process reference. Rank 0 saves the logged loss and the gradients.
@@ -26,15 +27,20 @@ IMAGE_IDS = [0, 0, 1, 2, 2, 3, 3, 3]  # positives cross the rank boundary (ids 2
 LABELS = [0, 0, 1, 0, 0, 1, 1, 1]  # scenes, also across the boundary
 CAPTION_WEIGHTS = [1.0, 0.95, 1.0, 1.0, 0.95, 1.0, 0.95, 1.0]
 LOSS_CONFIG = {"soft_target_eps": 6e-5, "temp2": 0.05, "affil_symmetric": False, "scene_mode": "published",
-               "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02}
-# (loss names, stage, local_loss, gather_with_grad); the 1-process run builds affiliation centres per 4 rows,
-# which is what each of 2 processes does with its own batch of 4 (affil_center_chunk 0).
+               "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02, "triplet_margin": 0.2, "triplet_max_violation": False}
+# (loss names, stage, local_loss, gather_with_grad, config changes); the 1-process run builds affiliation
+# centres per 4 rows, which is what each of 2 processes does with its own batch of 4 (affil_center_chunk 0).
 ALL_LOSSES = ("contr", "affil", "scene")
+TRIPLET = Stage("triplet", 0, {"triplet": 1.0})
 CASES = {
-    "stage1 local": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), True, True),
-    "stage1 gathered": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), False, True),
-    "stage2 weighted": (ALL_LOSSES, Stage("s2", 10, {"contr": 1.0, "affil": 1.0}, True), True, True),
-    "xvlm gather": (("contr",), Stage("c", 0, {"contr": 1.0}), False, False),
+    "stage1 local": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), True, True, {}),
+    "stage1 gathered": (ALL_LOSSES, Stage("s1", 0, {"contr": 1.0, "affil": 1.0, "scene": 1.0}), False, True, {}),
+    "stage2 weighted": (ALL_LOSSES, Stage("s2", 10, {"contr": 1.0, "affil": 1.0}, True), True, True, {}),
+    "xvlm gather": (("contr",), Stage("c", 0, {"contr": 1.0}), False, False, {}),
+    "triplet local": (("triplet",), TRIPLET, True, True, {}),
+    "triplet gathered": (("triplet",), TRIPLET, False, True, {}),
+    "triplet hardest": (("triplet",), TRIPLET, True, True, {"triplet_max_violation": True}),
+    "triplet xvlm gather": (("triplet",), TRIPLET, False, False, {}),
 }
 
 
@@ -64,8 +70,8 @@ def shard(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
     return {k: shard(v, rows) if isinstance(v, dict) else v[rows] for k, v in batch.items()}
 
 
-def one_step(names: tuple[str, ...], stage: Stage, local_loss: bool,
-             gather_with_grad: bool) -> dict[str, torch.Tensor]:
+def one_step(names: tuple[str, ...], stage: Stage, local_loss: bool, gather_with_grad: bool,
+             changes: dict[str, Any]) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     batch = {"images": torch.randn(GLOBAL_BATCH, 12, generator=gen),
              "text": {"input_ids": torch.randn(GLOBAL_BATCH, 10, generator=gen),
@@ -75,12 +81,14 @@ def one_step(names: tuple[str, ...], stage: Stage, local_loss: bool,
     mine = dist_utils.shard_range(GLOBAL_BATCH)
     batch = shard(batch, slice(mine.start, mine.stop))
     chunk = 0 if dist_utils.is_initialized() else GLOBAL_BATCH // 2
-    config = {**LOSS_CONFIG, "affil_center_chunk": chunk}
+    config = {**LOSS_CONFIG, "affil_center_chunk": chunk, **changes}
     objective = RetrievalObjective({name: get_loss(name)(config) for name in names}, gather_with_grad, local_loss)
     objective.set_stage(stage)
     task: nn.Module = RetrievalTask(TwoTowers(), objective)
-    if dist_utils.is_initialized():  # the affiliation loss's temperature is unused in a stage without it
-        task = nn.parallel.DistributedDataParallel(task, find_unused_parameters="affil" not in stage.losses)
+    if dist_utils.is_initialized():  # the affiliation loss's temperature is unused in a stage without it, and
+        # the model's temperature in a stage that reads no model output (the triplet loss), as Retrieval.py decides
+        unused = ("affil" in names and "affil" not in stage.losses) or objective.leaves_model_outputs_unread([stage])
+        task = nn.parallel.DistributedDataParallel(task, find_unused_parameters=unused)
     losses = task(batch, epoch=3)
     losses["loss"].backward()
     out = {name: dist_utils.all_reduce_mean(value).detach() for name, value in losses.items()}

@@ -62,6 +62,7 @@ def test_pir_config_loads_as_is(tmp_path: Path) -> None:
     assert config["schedular"]["epochs"] == 50
     assert config["train_file"] == ["data/finetune/rsitmd_train.json"]
     assert config["center_factor"] == 1.0 and config["k_test"] == 512
+    assert config["model"] == "pir" and (config["filter_size"], config["instru_num"], config["cycle_num"]) == (40, 2, 3)
 
 
 def test_yaml_12_floats_and_defaults(tmp_path: Path) -> None:
@@ -116,6 +117,19 @@ def test_dump_round_trips_and_safe_loader_refuses_objects(tmp_path: Path) -> Non
     assert again == config
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, MINIMAL + "image_root: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_keys_of_another_model_round_trip_as_null_and_are_missing_where_required(tmp_path: Path) -> None:
+    """PIR's required keys are null in a dual encoder's resolved config (a run's config.yaml, a checkpoint's
+    config), which loads again; for PIR, null is as missing as absent."""
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config["model"] == "swin_bert_cl" and config["filter_size"] is None
+    assert load_config(write(tmp_path, dump_config(config))) == config
+    pir = MINIMAL + "model: pir\nfilter_size: 40\ninstru_num: 2\ncycle_num: null\nhead: 8\n"
+    with pytest.raises(ConfigError, match="missing required key 'cycle_num' .*, for model pir"):
+        load_config(write(tmp_path, pir))
+    with pytest.raises(ConfigError, match="missing required key 'optimizer.lr'"):
+        load_config(write(tmp_path, MINIMAL.replace("lr: 6e-5, weight_decay", "lr: null, weight_decay")))
 
 
 def test_legacy_aliases(tmp_path: Path) -> None:

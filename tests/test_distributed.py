@@ -49,3 +49,25 @@ def test_xvlm_style_gather_scales_gradients_by_world_size(results: tuple[dict, d
     for name in ("model.image.weight", "model.text.weight"):
         torch.testing.assert_close(two[name] * 2, one[name], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(two["model.temp"], one["model.temp"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["triplet local", "triplet gathered", "triplet hardest"])
+def test_two_processes_equal_one_for_the_triplet_sum(results: tuple[dict, dict], mode: str) -> None:
+    """The triplet loss is a sum over the gathered batch (captions of one image sit on both processes): with
+    local rows each process returns its part times 2, so the logged mean and DDP's averaged gradients equal
+    one process's. The model's temperature, which the triplet loss does not read, gets no gradient."""
+    one, two = results[0][mode], results[1][mode]
+    assert set(one) == set(two) == {"loss", "loss_triplet", "model.image.weight", "model.image.bias",
+                                    "model.text.weight", "model.text.bias"}
+    assert one["loss_triplet"] > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def test_xvlm_style_gather_divides_the_triplet_gradients_by_world_size(results: tuple[dict, dict]) -> None:
+    """PIR's own setting (X-VLM's AllGather, each process the whole sum): the same loss, half the gradients
+    on 2 processes; ``gather_with_grad: false`` and ``local_loss: false`` reproduce it."""
+    one, two = results[0]["triplet xvlm gather"], results[1]["triplet xvlm gather"]
+    torch.testing.assert_close(two["loss_triplet"], one["loss_triplet"], rtol=1e-5, atol=1e-7)
+    for name in ("model.image.weight", "model.text.weight"):
+        torch.testing.assert_close(two[name] * 2, one[name], rtol=1e-5, atol=1e-7)

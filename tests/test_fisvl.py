@@ -202,6 +202,36 @@ def test_frozen_cnn_batchnorm_as_published_or_in_eval_mode(tiny_fisvl_config_pat
         assert model.vision_encoder.training and model.conv_encoder.training == drifts
 
 
+def test_published_init_copies_the_graph_step_and_initialises_sfgs_as_the_published_resnet(
+        tiny_fisvl_config_path: Path) -> None:
+    """``init: published``: both graph steps start identical (the published ``clones()``), SFGS's convolutions
+    have kaiming-normal fan-out statistics (std sqrt(2 / (out_channels * k^2))) and its attention projections
+    nn.Linear's (|w| <= 1 / sqrt(d), non-zero biases). The default keeps independent steps, torch's default
+    conv init and nn.MultiheadAttention's zero biases."""
+    torch.manual_seed(0)
+    published = tiny_fisvl(tiny_fisvl_config_path, "init=published")
+    torch.manual_seed(0)
+    default = tiny_fisvl(tiny_fisvl_config_path)
+    steps = [step.state_dict() for step in published.img_gcn]
+    assert len(steps) == 2 and all(torch.equal(steps[0][k], steps[1][k]) for k in steps[0])
+    assert not torch.equal(default.img_gcn[0].graph_query_w.weight, default.img_gcn[1].graph_query_w.weight)
+    convs = [published.sfgs.conv_filter[0]] + [branch[0] for branch in published.sfgs.branches]
+    for conv, default_conv in zip(convs, [default.sfgs.conv_filter[0]] + [b[0] for b in default.sfgs.branches]):
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        std = (2 / fan_out) ** 0.5
+        assert conv.weight.std().item() == pytest.approx(std, rel=0.1) and abs(conv.weight.mean().item()) < 0.1 * std
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]  # torch's default: U(+-1/sqrt(fan_in))
+        assert default_conv.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1)
+    attention, default_attention = published.sfgs.attention.self_attn, default.sfgs.attention.self_attn
+    bound = 1 / attention.embed_dim ** 0.5
+    assert attention.in_proj_weight.abs().max() <= bound < default_attention.in_proj_weight.abs().max()
+    for bias in (attention.in_proj_bias, attention.out_proj.bias):
+        assert (bias != 0).all() and bias.abs().max() <= bound
+    assert default_attention.in_proj_bias.abs().max() == 0 and default_attention.out_proj.bias.abs().max() == 0
+    assert all(torch.equal(a, b) for a, b in zip(published.conv_encoder.state_dict().values(),
+                                                 default.conv_encoder.state_dict().values()))
+
+
 # --- the stage schedule
 
 

@@ -1,5 +1,5 @@
-"""The losses of models/losses.py against fisvl-method.md §3: hand-worked tiny examples, plain-Python loop
-references, the published telltales, the thresholded softmax, gradients, the local-loss row split and dtypes,
+"""The losses of models/losses.py against fisvl-method.md §3 and baselines.md §1.5: hand-worked tiny examples,
+plain-Python loop references, the published telltales, the thresholded softmax, gradients, the local-loss row split and dtypes,
 and the registered loss modules that stages name."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from models import get_loss, list_losses
 from models.losses import (SOFT_TARGET_EPS, AffiliationLoss, ContrastiveLoss, LossInputs, SceneAdaptiveLoss,
-                           affiliation_centres, affiliation_loss, contrastive_loss, scene_adaptive_loss, scene_weights,
-                           thresholded_softmax)
+                           TripletLoss, affiliation_centres, affiliation_loss, contrastive_loss, scene_adaptive_loss,
+                           scene_weights, thresholded_softmax, triplet_loss)
 
 
 def formula(v: torch.Tensor, t: torch.Tensor, ids: list[int], tau: float, w: list[float] | None = None,
@@ -573,7 +573,7 @@ def test_bf16_inputs_give_float32_close_to_fp32(name: str) -> None:
 def test_loss_modules_compute_their_functions_with_their_config_keys() -> None:
     """contr at the model's ``temp`` (weighted when the stage says so), affil at its own learnable temperature
     (initialised from ``temp2``, per-process centres by default), scene at ``temp`` with its keys."""
-    assert list_losses() == ["affil", "contr", "scene"]
+    assert list_losses() == ["affil", "contr", "scene", "triplet"]
     assert [get_loss(name) for name in ("contr", "affil", "scene")] == [ContrastiveLoss, AffiliationLoss,
                                                                         SceneAdaptiveLoss]
     config = {"soft_target_eps": 1e-4, "temp2": 0.05, "affil_symmetric": True, "affil_center_chunk": 0,
@@ -595,3 +595,77 @@ def test_loss_modules_compute_their_functions_with_their_config_keys() -> None:
                                scene_adaptive_loss(v, t, ids, y, 0.07, 5, 2.0, BETA1, BETA2, "intended", 1e-4, rows))
     assert ContrastiveLoss.sample_fields == ("caption_weight",)
     assert AffiliationLoss.sample_fields == SceneAdaptiveLoss.sample_fields == ("label",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The triplet loss (PIR's use_triplet_loss; VSE++'s hinge): against its formula written as loops.
+
+
+def triplet_formula(s: list[list[float]], ids: list[int], margin, max_violation: bool) -> float:
+    """sum_i sum_{j: id_j != id_i} [m_ij + s_ij - s_ii]+  +  sum_j sum_{i: id_i != id_j} [m_ij + s_ij - s_jj]+,
+    or with max_violation each anchor's largest violation only (0 when it has none)."""
+    n = len(ids)
+    m = (lambda i, j: margin[i][j]) if isinstance(margin, list) else (lambda i, j: margin)
+    captions = [[max(0.0, m(i, j) + s[i][j] - s[i][i]) for j in range(n) if ids[j] != ids[i]] for i in range(n)]
+    images = [[max(0.0, m(i, j) + s[i][j] - s[j][j]) for i in range(n) if ids[i] != ids[j]] for j in range(n)]
+    pick = (lambda costs: max(costs, default=0.0)) if max_violation else sum
+    return sum(pick(row) for row in captions) + sum(pick(column) for column in images)
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+@pytest.mark.parametrize("margin_kind", ["float", "matrix"])
+def test_triplet_matches_loop_formula(max_violation: bool, margin_kind: str) -> None:
+    """Multi-caption images (ids 0, 1, 5 have several captions): their captions are not negatives of each other."""
+    v, t, ids, _ = random_batch(seed=21, noise=0.9)
+    scores = v @ t.T
+    margin = 0.2 if margin_kind == "float" else torch.rand(len(ids), len(ids), generator=torch.Generator().manual_seed(4),
+                                                           dtype=torch.float64) * 0.5
+    expected = triplet_formula(scores.tolist(), ids.tolist(), margin if margin_kind == "float" else margin.tolist(),
+                               max_violation)
+    got = triplet_loss(scores, ids, margin, max_violation)
+    assert expected > 0 and got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_triplet_hand_worked_and_same_image_captions_are_not_negatives() -> None:
+    """s = [[0.9, 0.8, 0.1], [0.85, 0.7, 0.3], [0.2, 0.6, 0.5]], margin 0.2. Distinct images: caption costs
+    row 0: 0.1 + 0 = 0.1; row 1: 0.35 + 0 = 0.35; row 2: 0 + 0.3 = 0.3; image costs column 0: 0.15 + 0 = 0.15;
+    column 1: 0.3 + 0.1 = 0.4; column 2: 0 + 0 = 0; total 1.3. With items 0 and 1 one image, only the pairs
+    with item 2 count: rows 0, 0, 0.3 and columns 0, 0.1, 0, total 0.4."""
+    s = torch.tensor([[0.9, 0.8, 0.1], [0.85, 0.7, 0.3], [0.2, 0.6, 0.5]], dtype=torch.float64)
+    assert triplet_loss(s, torch.tensor([0, 1, 2])).item() == pytest.approx(1.3)
+    assert triplet_loss(s, torch.tensor([0, 0, 2])).item() == pytest.approx(0.4)
+    # hardest negatives: rows 0.1, 0.35, 0.3; columns 0.15, 0.3, 0
+    assert triplet_loss(s, torch.tensor([0, 1, 2]), max_violation=True).item() == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_triplet_row_slices_sum_to_the_full_loss_and_gradients_flow(max_violation: bool) -> None:
+    """The loss is a sum: each process's anchors give a part, and the parts add up to the full loss."""
+    v, t, ids, _ = random_batch(seed=22, noise=0.9)
+    v.requires_grad_(True)
+    full = triplet_loss(v @ t.T, ids, 0.2, max_violation)
+    parts = [triplet_loss(v @ t.T, ids, 0.2, max_violation, rows=slice(k, k + 4)) for k in (0, 4, 8)]
+    assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
+    full.backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_triplet_module_reads_its_keys_and_scales_its_part_by_the_process_count() -> None:
+    """``triplet_margin`` and ``triplet_max_violation``; with local rows (2 processes x 6) each process returns
+    twice its part, so that the processes' mean is the full loss and DDP's averaged gradients are its gradients."""
+    v, t, ids, _ = random_batch(seed=23, noise=0.9)
+    config = {"triplet_margin": 0.3, "triplet_max_violation": True}
+    loss = TripletLoss(config)
+    assert get_loss("triplet") is TripletLoss and TripletLoss.model_outputs == () and not list(loss.parameters())
+    whole = LossInputs(v, t, {"image_idx": ids}, {}, None, local_batch=12, epoch=0)
+    torch.testing.assert_close(loss(whole), triplet_loss(v @ t.T, ids, 0.3, True))
+    halves = [loss(LossInputs(v, t, {"image_idx": ids}, {}, slice(k, k + 6), local_batch=6, epoch=0)) for k in (0, 6)]
+    torch.testing.assert_close(halves[0], 2 * triplet_loss(v @ t.T, ids, 0.3, True, rows=slice(0, 6)))
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, loss(whole))
+
+
+def test_triplet_bf16_scores_give_float32() -> None:
+    v, t, ids, _ = random_batch(seed=24, noise=0.9, dtype=torch.float32)
+    ref = triplet_loss(v @ t.T, ids)
+    got = triplet_loss((v.bfloat16() @ t.bfloat16().T), ids)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=3e-2)

@@ -114,7 +114,8 @@ _DATA: Section = {
 
 _MODEL: Section = {
     "model": Key((str,), None, "registered model name (models.list_models()); when absent, fisvl for FISVL's "
-                  "YAMLs (use_scene_loss: true), else swin_bert_cl"),
+                  "YAMLs (use_scene_loss: true), pir for PIR's (filter_size given, is_baseline: false), else "
+                  "swin_bert_cl"),
     "embed_dim": Key((int,), 256, "width of the joint embedding space"),
     "allow_random_init": Key((list,), [], "encoders that may start from random weights when the config names "
                              "none (demos, tests; the model's encoders, e.g. vision_encoder, text_encoder, "
@@ -148,7 +149,7 @@ _STAGES: Section = {
     "use_scene_loss": Key((bool,), None, "FISVL's two stages: contr + affil + scene, then weighted contr + affil "
                           "from epoch 10 (derives `stages`)"),
     "scene_factor": Key((float,), None, "scene loss weight (FISVL; derives `stages`)"),
-    "use_triplet_loss": Key((bool,), None, "VSE++ triplet loss (PIR); not implemented, only false is accepted"),
+    "use_triplet_loss": Key((bool,), None, "PIR's VSE++ triplet loss instead of every other loss (derives `stages`)"),
 }
 
 _EVALUATION: Section = {
@@ -213,8 +214,10 @@ def _type_name(types: tuple[type, ...]) -> str:
 
 
 def _check_value(value: Any, key: Key, where: str) -> Any:
-    """Type-check one value (an int is a valid float, a bool is never a number); coerce str -> list for lists."""
-    if value is None and not key.required and key.default is None:
+    """Type-check one value (an int is a valid float, a bool is never a number); coerce str -> list for lists.
+    A required key may be null: a config written for a model that does not use it holds it so (the required
+    check then decides)."""
+    if value is None and (key.required or key.default is None):
         return None
     if list in key.types and isinstance(value, str):
         value = [value]
@@ -310,12 +313,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 
 
 def _check_required(config: dict[str, Any], source: str) -> None:
-    """A required key is an error to leave out when its group applies to the config's model; otherwise it
-    is ``None``. Nested sections (``optimizer.lr``) belong to core groups and always apply."""
+    """A required key is an error to leave out (or leave null) when its group applies to the config's model;
+    otherwise it is ``None``. Nested sections (``optimizer.lr``) belong to core groups and always apply."""
     for group in _GROUPS.values():
         applies = group.models is None or config["model"] in group.models
         for name, key in group.keys.items():
-            if config.get(name) is _MISSING:
+            if key.required and config.get(name) in (_MISSING, None):
                 if applies:
                     models = f", for model {config['model']}" if group.models else ""
                     raise ConfigError(f"{source}: missing required key '{name}' ({key.doc}{models})")
@@ -323,7 +326,7 @@ def _check_required(config: dict[str, Any], source: str) -> None:
             section = _SECTIONS.get(name)
             if section is not None and isinstance(config.get(name), dict):
                 for sub, value in config[name].items():
-                    if value is _MISSING:
+                    if section[sub].required and value in (_MISSING, None):
                         raise ConfigError(f"{source}: missing required key '{name}.{sub}' ({section[sub].doc})")
 
 
@@ -334,9 +337,8 @@ def _legacy_aliases(config: dict[str, Any]) -> None:
     if config["is_baseline"]:
         config["model"] = "swin_bert_cl"
     if config["model"] is None:
-        config["model"] = "fisvl" if config["use_scene_loss"] else "swin_bert_cl"
-    if config["use_triplet_loss"]:
-        raise ConfigError("use_triplet_loss: true is not supported (PIR's VSE++ triplet variant); set it to false")
+        pir_keys = config.get("filter_size") not in (None, _MISSING)
+        config["model"] = "fisvl" if config["use_scene_loss"] else "pir" if pir_keys else "swin_bert_cl"
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:

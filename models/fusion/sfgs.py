@@ -7,6 +7,8 @@ learned weight per token fuses them into a single vector.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -36,6 +38,20 @@ class SFGS(nn.Module):
         self.attention.dropout = nn.Identity()  # the published feed-forward has no inner dropout
         num_tokens = sum(channels for _, channels in BRANCHES)
         self.fusion_weight = nn.Parameter(torch.randn(num_tokens, embed_dim))
+
+    def init_as_published(self) -> None:
+        """Re-initialise as the published code does, where SFGS sits inside the ResNet before its init loop: the
+        convolutions get kaiming-normal fan-out weights, and the attention's projections are four plain
+        ``nn.Linear`` (kaiming-uniform weights, uniform biases) instead of nn.MultiheadAttention's xavier
+        in-projection and zero biases. The other layers already start as published."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        attention = self.attention.self_attn
+        nn.init.kaiming_uniform_(attention.in_proj_weight, a=math.sqrt(5))  # fan_in = d, as for each nn.Linear(d, d)
+        bound = 1 / math.sqrt(attention.embed_dim)
+        nn.init.uniform_(attention.in_proj_bias, -bound, bound)
+        nn.init.uniform_(attention.out_proj.bias, -bound, bound)
 
     def forward(self, stem: torch.Tensor) -> torch.Tensor:
         filtered = self.conv_filter(stem)
