@@ -1,5 +1,5 @@
-"""AdamW over parameter groups that each model's own no-decay rule decides, with learning-rate multipliers
-that really apply."""
+"""AdamW (or Adam) over parameter groups that each model's own no-decay rule decides, with learning-rate
+multipliers that really apply."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,7 +33,9 @@ def parameter_groups(model: RetrievalModel, lr: float, weight_decay: float, lr_m
 
 
 def create_optimizer(opt_config: dict[str, Any], model: RetrievalModel,
-                     objective: nn.Module | None = None) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.98, eps 1e-8 by default) over :func:`parameter_groups`."""
+                     objective: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.98, eps 1e-8 by default), or Adam (``opt: adam``, the AMFMN lineage's) over
+    :func:`parameter_groups`."""
     groups = parameter_groups(model, opt_config["lr"], opt_config["weight_decay"], opt_config["lr_mult"], objective)
-    return torch.optim.AdamW(groups, lr=opt_config["lr"], betas=tuple(opt_config["betas"]), eps=opt_config["eps"])
+    optimizer = torch.optim.Adam if opt_config["opt"] == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=opt_config["lr"], betas=tuple(opt_config["betas"]), eps=opt_config["eps"])

@@ -32,6 +32,8 @@ TASKS = {
     "itr_rsicd": "configs/Retrieval_rsicd.yaml",
     "itr_rsitmd_pir": "configs/Retrieval_rsitmd_pir.yaml",
     "itr_rsicd_pir": "configs/Retrieval_rsicd_pir.yaml",
+    "itr_rsitmd_amfmn": "configs/Retrieval_rsitmd_amfmn.yaml",
+    "itr_rsicd_amfmn": "configs/Retrieval_rsicd_amfmn.yaml",
 }
 
 # PIR/X-VLM --dist presets: visible GPUs and processes per node. gpuN (one process on GPU N) and cpu are

@@ -23,10 +23,14 @@ def warmup_steps(num_warmup_steps: int | float, total_steps: int) -> int:
     return int(num_warmup_steps)
 
 
-def lr_factor(step: int, warmup: int, total: int, sched: str) -> float:
-    """Multiplier of the peak learning rate at ``step`` (0-based)."""
+def lr_factor(step: int, warmup: int, total: int, sched: str, steps_per_epoch: int = 1, step_epochs: int = 1,
+              step_gamma: float = 1.0) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based). ``step``: constant within an epoch,
+    times ``step_gamma`` every ``step_epochs`` epochs (AMFMN's ``adjust_learning_rate``)."""
     if step < warmup:
         return step / max(1, warmup)
+    if sched == "step":
+        return step_gamma ** (step // steps_per_epoch // step_epochs)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if sched == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -39,8 +43,13 @@ def create_scheduler(sched_config: dict[str, Any], optimizer: torch.optim.Optimi
     warmup = warmup_steps(sched_config["num_warmup_steps"], total)
     if warmup > total:
         raise ValueError(f"schedular.num_warmup_steps = {warmup} exceeds the {total} training steps")
-    sched = sched_config["sched"]
-    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, sched))
+    sched, step_epochs, step_gamma = sched_config["sched"], 1, 1.0
+    if sched == "step":
+        step_epochs, step_gamma = sched_config["step_epochs"], sched_config["step_gamma"]
+        if step_epochs < 1:
+            raise ValueError(f"schedular.step_epochs must be at least 1, got {step_epochs}")
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, sched, steps_per_epoch, step_epochs,
+                                                      step_gamma))
 
 
 # --- The value-guided stage schedule (FISVL's VGLF): which losses, with which weights, in which epochs.

@@ -1,9 +1,12 @@
 """Caption text: cleaning as PIR/FISVL's ``pre_caption`` (fisvl-method.md §6: the punctuation is deleted,
-where upstream X-VLM replaces it with a space) and FISVL's training-time random word deletion."""
+where upstream X-VLM replaces it with a space), FISVL's training-time random word deletion, and the word
+tokens of the AMFMN lineage (``word_tokens``)."""
 from __future__ import annotations
 
 import random
 import re
+
+from nltk.tokenize import NLTKWordTokenizer
 
 _PUNCTUATION = re.compile(r"([,.'!?\"()*#:;~])")
 _SPACES = re.compile(r"\s{2,}")
@@ -38,3 +41,36 @@ def delete_words(caption: str, rate: float) -> str:
     words = caption.split()
     kept = [word for word in words if random.random() >= rate]
     return " ".join(kept) if kept else random.choice(words)
+
+
+# nltk's English stop-word list as the AMFMN lineage used it (179 words; nltk's corpus files are a download,
+# so the list is written out here).
+ENGLISH_STOP_WORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
+himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but
+if or because as until while of at by for with about against between into through during before after above below
+to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should
+should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't
+haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
+weren weren't won won't wouldn wouldn't
+""".split())
+
+_WORD_TOKENIZER = NLTKWordTokenizer()
+_TRAILING_PERIOD = re.compile(r"^(.+?)(\.+)$")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lower-cased word and punctuation tokens as nltk's ``word_tokenize`` gives them (the AMFMN lineage's
+    tokeniser), without the sentence model it downloads: the Treebank word tokeniser it applies per sentence,
+    and the period that ends a sentence inside the text split off as the sentence split would
+    (``"roofs. a car"`` -> ``roofs . a car``). Abbreviations with inner periods (``u.s.``) keep them."""
+    tokens = []
+    for token in _WORD_TOKENIZER.tokenize(text.lower()):
+        match = _TRAILING_PERIOD.match(token)
+        if match and "." not in match.group(1):
+            tokens += [match.group(1), "."]
+        else:
+            tokens.append(token)
+    return tokens

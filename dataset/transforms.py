@@ -54,3 +54,19 @@ def test_transform(config: dict[str, Any]) -> Callable:
     res = config["image_res"]
     return v2.Compose([v2.Resize((res, res), interpolation=InterpolationMode.BICUBIC), *_to_tensor(),
                        v2.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resnet_train_transform(resize: int, crop: int, degrees: tuple[float, float]) -> Callable:
+    """AMFMN's train pipeline: square resize, a random rotation in ``degrees`` (AMFMN's ``RandomRotation(0, 90)``
+    meant (0, 90) but rotated by 0 degrees; GaLR's fix is used), a random ``crop``, ImageNet normalisation."""
+    return v2.Compose([v2.Resize((resize, resize)), v2.RandomRotation(list(degrees)), v2.RandomCrop(crop),
+                       *_to_tensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def resnet_eval_transform(res: int) -> Callable:
+    """AMFMN's test pipeline: square resize to ``res``, ImageNet normalisation."""
+    return v2.Compose([v2.Resize((res, res)), *_to_tensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -30,7 +30,10 @@ class RetrievalModel(nn.Module, ABC):
     * ``train_transform`` / ``eval_transform``: PIL image -> tensor;
     * ``sample_fields``: per-sample inputs beyond image and caption that ``forward`` reads from the batch
       (a segmentation mask, ...); the data pipeline carries each declared field through;
-    * ``encoder_names`` (class attribute): the names ``encoders()`` can return.
+    * ``encoder_names`` (class attribute): the names ``encoders()`` can return;
+    * ``scores_are_dot_products``: False for a model whose ``similarity`` is not the dot product of its
+      embeddings (a pairwise head); only losses that call ``similarity`` then apply;
+    * ``similarity_chunks``: (images, captions) scored at a time in evaluation (``None`` = all captions).
     """
 
     text_processor: TextProcessor
@@ -38,6 +41,8 @@ class RetrievalModel(nn.Module, ABC):
     eval_transform: Callable
     sample_fields: tuple[str, ...] = ()
     encoder_names: ClassVar[tuple[str, ...]] = ()  # the keys of encoders(), for checking allow_random_init
+    scores_are_dot_products: bool = True
+    similarity_chunks: tuple[int, int | None] = (1024, None)
 
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,7 +54,7 @@ class RetrievalModel(nn.Module, ABC):
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """``[n_images, n_texts]`` scores; cosine for L2-normalised embeddings. A model whose score is not a
-        dot product overrides this; evaluation calls it on chunks of images."""
+        dot product overrides this; evaluation calls it on blocks of ``similarity_chunks``."""
         return image_emb @ text_emb.t()
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ affiliation loss owns it.)
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable
 
 import torch
@@ -16,15 +15,14 @@ from torch import nn
 
 from dataset.transforms import test_transform, train_transform
 from utils.config import Key, register_keys
-from utils.weights import Remapped, StateDict, WeightsError, patterns_under, with_prefix
+from utils.weights import Remapped, StateDict, patterns_under, with_prefix
 
 from ._registry import register_model
 from .base import RetrievalModel
 from .encoders import BertTextEncoder, build_vision_encoder, read_vision_config
 from .encoders.text import has_pretrained_weights, read_text_config
+from .loading import random_init
 from .text import BertWordPieceProcessor, TextProcessor
-
-log = logging.getLogger(__name__)
 
 XVLM_LINEAGE = ("swin_bert_cl", "fisvl", "pir")
 
@@ -134,14 +132,6 @@ class DualEncoder(RetrievalModel):
             resized += [f"{name}.{entry}" for entry in part.resized]
             dropped += [f"{name}.{entry}" for entry in part.dropped]
         return Remapped(out, resized, dropped)
-
-
-def random_init(part: str, config: dict[str, Any], why: str) -> None:
-    """An encoder starts from random weights only when the config says it may."""
-    if part not in config["allow_random_init"]:
-        raise WeightsError(f"{part}: {why}. Name its weights (see the README's weights section), or add {part} "
-                           f"to allow_random_init to train it from random weights")
-    log.warning("%s: random init (%s; allowed by allow_random_init)", part, why)
 
 
 def describe(source: str | dict[str, Any]) -> str:

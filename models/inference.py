@@ -42,14 +42,17 @@ def embed_texts(model: RetrievalModel, texts: Sequence[str], batch_size: int, de
 
 
 @torch.no_grad()
-def similarity_matrix(model: RetrievalModel, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                      chunk: int = 1024) -> torch.Tensor:
-    """``[n_images, n_texts]`` scores by the model's ``similarity``, ``chunk`` images at a time (a pairwise
-    model scores each chunk against all texts, vectorised within the chunk)."""
-    if image_emb.shape[0] == 0:
-        return image_emb.new_zeros(0, text_emb.shape[0])
-    return torch.cat([model.similarity(image_emb[i:i + chunk], text_emb).float()
-                      for i in range(0, image_emb.shape[0], chunk)])
+def similarity_matrix(model: RetrievalModel, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """``[n_images, n_texts]`` scores by the model's ``similarity``, block by block (``similarity_chunks``): a
+    pairwise model scores each block of pairs vectorised, with bounded memory."""
+    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
+    if n_images == 0 or n_texts == 0:
+        return image_emb.new_zeros(n_images, n_texts)
+    images_per, texts_per = model.similarity_chunks
+    texts_per = texts_per or n_texts
+    return torch.cat([torch.cat([model.similarity(image_emb[i:i + images_per], text_emb[j:j + texts_per]).float()
+                                 for j in range(0, n_texts, texts_per)], dim=1)
+                      for i in range(0, n_images, images_per)])
 
 
 def checkpoint_payload(model: RetrievalModel, config: dict[str, Any]) -> dict[str, Any]:

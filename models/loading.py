@@ -6,11 +6,14 @@ fine-tuned checkpoints. The model's ``remap_checkpoint`` turns each into its own
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from torch import nn
 
-from utils.weights import LoadReport, load_into, read_state_dict
+from utils.weights import LoadReport, WeightsError, load_into, read_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def load_for_evaluation(model: nn.Module, path: str, config: dict[str, Any]) -> LoadReport:
@@ -47,3 +50,11 @@ def untrained_parts(model: nn.Module, sources: Mapping[str, str | None]) -> list
     heads = {name.split(".")[0] for name, param in model.named_parameters()
              if name in model.head_parameter_names() and param.dim() > 0}
     return [name for name, path in sources.items() if not path] + sorted(heads)
+
+
+def random_init(part: str, config: dict[str, Any], why: str) -> None:
+    """An encoder starts from random weights only when the config says it may."""
+    if part not in config["allow_random_init"]:
+        raise WeightsError(f"{part}: {why}. Name its weights (see the README's weights section), or add {part} "
+                           f"to allow_random_init to train it from random weights")
+    log.warning("%s: random init (%s; allowed by allow_random_init)", part, why)

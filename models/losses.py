@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -171,11 +171,17 @@ def triplet_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: torch.Te
 # fields it needs beyond ``image_idx`` and the parameters it owns, and calls its pure function above.
 
 
+def dot_product_scores(image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+    """The score of a dual encoder: ``[n_images, n_texts]`` dot products (cosines of normalised features)."""
+    return image_feat @ text_feat.t()
+
+
 @dataclass
 class LossInputs:
     """What a loss sees: features gathered from every process, the batch fields the losses declared (also
     gathered; ``image_idx`` always), the model's other outputs (``temp``), this process's query rows
-    (``None`` = all), the per-process batch, the epoch and whether the stage weights captions."""
+    (``None`` = all), the per-process batch, the epoch, whether the stage weights captions, and the model's
+    score of every (image, caption) pair (``similarity``, for losses on pairwise-scored models)."""
 
     image_feat: torch.Tensor
     text_feat: torch.Tensor
@@ -185,15 +191,19 @@ class LossInputs:
     local_batch: int
     epoch: int
     caption_weights: bool = False
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_product_scores
 
 
 class RetrievalLoss(nn.Module):
     """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads;
-    ``model_outputs`` the model's outputs beyond the embeddings it reads (``temp``)."""
+    ``model_outputs`` the model's outputs beyond the embeddings it reads (``temp``); ``uses_model_similarity``
+    whether it scores pairs with the model's ``similarity`` (else with dot products of the embeddings, which
+    only a model whose score is one supports)."""
 
     name: ClassVar[str]
     sample_fields: ClassVar[tuple[str, ...]] = ()
     model_outputs: ClassVar[tuple[str, ...]] = ()
+    uses_model_similarity: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: dict[str, Any], source: str) -> None:
@@ -307,13 +317,14 @@ class TripletLoss(RetrievalLoss):
     """
 
     name = "triplet"
+    uses_model_similarity = True
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.margin, self.max_violation = config["triplet_margin"], config["triplet_max_violation"]
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        scores = inputs.image_feat @ inputs.text_feat.t()
+        scores = inputs.similarity(inputs.image_feat, inputs.text_feat)
         loss = triplet_loss(scores, inputs.fields["image_idx"], self.margin, self.max_violation, inputs.rows)
         processes = 1 if inputs.rows is None else inputs.image_feat.shape[0] // inputs.local_batch
         return loss * processes

@@ -3,7 +3,7 @@ apply every registered loss the stages name, weighted by the active stage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from utils.config import Key, register_keys
 from utils.distributed import gather_features, get_rank, get_world_size
 
 from ._registry import get_loss
-from .losses import LossInputs, RetrievalLoss
+from .losses import LossInputs, RetrievalLoss, dot_product_scores
 
 register_keys("Objective (gathering across processes)", {
     "gather_with_grad": Key((bool,), True, "all-gather features with gradients flowing back to every process"),
@@ -84,15 +84,16 @@ class RetrievalObjective(nn.Module):
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage
 
-    def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any],
-                epoch: int) -> dict[str, torch.Tensor]:
+    def forward(self, features: dict[str, torch.Tensor], batch: dict[str, Any], epoch: int,
+                similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``similarity``: the model's score of every (image, caption) pair, for the losses that use it."""
         local_batch = features["image_feat"].shape[0]
         image_feat = gather_features(features["image_feat"], self.gather_with_grad)
         text_feat = gather_features(features["text_feat"], self.gather_with_grad)
         fields = {name: gather_features(batch[name], with_grad=False) for name in self.sample_fields}
         rows = local_rows(local_batch, image_feat.shape[0]) if self.local_loss else None
         inputs = LossInputs(image_feat, text_feat, fields, features, rows, local_batch, epoch,
-                            self.stage.caption_weights)
+                            self.stage.caption_weights, similarity or dot_product_scores)
         losses: dict[str, torch.Tensor] = {}
         for name, loss in self.losses.items():
             with torch.set_grad_enabled(torch.is_grad_enabled() and name in self.stage.losses):

@@ -17,8 +17,9 @@ from torch import nn
 from utils.config import Key, register_keys
 from utils.weights import WeightsError, patterns_under
 
-from .dual_encoder import DualEncoder, random_init
-from .encoders.resnet import PriorCNN
+from .dual_encoder import DualEncoder
+from .encoders.resnet import ResNetEncoder
+from .loading import random_init
 from .text import TextProcessor
 
 register_keys("Prior CNN and fusion (fisvl, pir)", {
@@ -47,7 +48,7 @@ def fusion_steps(make: Callable[[], nn.Module], count: int, published: bool) -> 
 
 
 class PriorDualEncoder(DualEncoder):
-    """``conv_encoder`` (a frozen torchvision ResNet, ``PriorCNN``) and ``conv_proj`` beside the dual encoder's
+    """``conv_encoder`` (a frozen torchvision ResNet, ``ResNetEncoder``) and ``conv_proj`` beside the dual encoder's
     towers, built when ``use_prior``; loading, freezing and the train/eval mode of the frozen parts."""
 
     encoder_names = ("vision_encoder", "text_encoder", "conv_encoder")
@@ -60,7 +61,7 @@ class PriorDualEncoder(DualEncoder):
             return
         self.finetune_conv = config["finetune_conv"]
         self.conv_bn_train_mode = config["conv_bn_train_mode"]
-        self.conv_encoder = PriorCNN(config["conv_arch"]).requires_grad_(self.finetune_conv)
+        self.conv_encoder = ResNetEncoder(config["conv_arch"]).requires_grad_(self.finetune_conv)
         self.conv_proj = nn.Linear(self.conv_encoder.width, config["embed_dim"])
 
     def frozen_parts(self) -> list[nn.Module]:

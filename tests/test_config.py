@@ -77,7 +77,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), ["optimizer.lr=1e-4", "schedular.epochs=3", "precision=amp_bf16",
                                                     "train_file=[a.json, b.json]", "scheduler.sched=cosine"])
     assert config["optimizer"]["lr"] == pytest.approx(1e-4)
-    assert config["schedular"] == {"sched": "cosine", "lr": 6e-5, "epochs": 3, "num_warmup_steps": 0.1}
+    assert config["schedular"] == {"sched": "cosine", "lr": 6e-5, "epochs": 3, "num_warmup_steps": 0.1,
+                                   "step_epochs": 20, "step_gamma": 0.7}
     assert config["train_file"] == ["a.json", "b.json"] and config["precision"] == "amp_bf16"
 
 

@@ -32,14 +32,19 @@ def demo_config(name: str, demo_root: Path, *overrides: str) -> dict:
 
 
 def private_copies(config_name: str, demo_root: Path, folder: Path) -> list[str]:
-    """Overrides that read the architecture JSONs and the vocabulary from copies in ``folder``."""
+    """Overrides that read the architecture JSONs and the tokenizer files the demo names from copies in
+    ``folder`` (a model with a word vocabulary builds it from the training captions)."""
     raw = load_config(ROOT / "configs" / f"demo_{config_name}.yaml")
     folder.mkdir()
-    shutil.copytree(demo_root / "tokenizer", folder / "tokenizer")
+    overrides = []
+    if raw["text_encoder"]:
+        shutil.copytree(demo_root / "tokenizer", folder / "tokenizer")
+        overrides.append(f"text_encoder={folder / 'tokenizer'}")
     for key in ("vision_config", "text_config"):
-        shutil.copy(ROOT / raw[key], folder / f"{key}.json")
-    return [f"vision_config={folder / 'vision_config.json'}", f"text_config={folder / 'text_config.json'}",
-            f"text_encoder={folder / 'tokenizer'}"]
+        if raw[key]:
+            shutil.copy(ROOT / raw[key], folder / f"{key}.json")
+            overrides.append(f"{key}={folder / f'{key}.json'}")
+    return overrides
 
 
 def test_every_model_has_a_demo_config_and_a_task() -> None:

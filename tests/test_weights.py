@@ -29,7 +29,7 @@ from transformers import BertConfig
 from conftest import TINY_BERT, TINY_SWIN, TINY_VIT, write_json
 from models import build_model
 from models.encoders import BertTextEncoder, build_vision_encoder
-from models.encoders.resnet import PriorCNN
+from models.encoders.resnet import ResNetEncoder
 from models.loading import initialise_from_checkpoint, load_for_evaluation
 from models.objective import build_objective
 from models.fusion.sfgs import HEADS as SFGS_HEADS
@@ -506,7 +506,7 @@ def test_resnet_layouts_load(tmp_path: Path) -> None:
     ``nn.Sequential`` names (``0.`` conv1, ``1.`` bn1, ``4.``-``7.`` layer1-4) and a plain torchvision
     resnet18 (1000-class ``fc``): identical stem and pooled outputs, the classifier listed as unused."""
     torch.manual_seed(0)
-    source = randomise_(PriorCNN("resnet18"), 6)
+    source = randomise_(ResNetEncoder("resnet18"), 6)
     original = source.state_dict()
     assert len(original) == 120
     x = images(64)
@@ -522,7 +522,7 @@ def test_resnet_layouts_load(tmp_path: Path) -> None:
     torch.save(pir, tmp_path / "pir_sequential.pth")
     for name, classes in (("aid_28-rsp-resnet-18-ckpt.pth", 30), ("pir_sequential.pth", None)):
         torch.manual_seed(1)
-        target = PriorCNN("resnet18").eval()
+        target = ResNetEncoder("resnet18").eval()
         report = target.load_pretrained(str(tmp_path / name))
         assert_same_tensors(target.state_dict(), original)
         with torch.no_grad():
@@ -536,7 +536,7 @@ def test_resnet_layouts_load(tmp_path: Path) -> None:
     torch.manual_seed(2)
     stock = torchvision.models.resnet18()
     torch.save(stock.state_dict(), tmp_path / "resnet18.pth")
-    target = PriorCNN("resnet18")
+    target = ResNetEncoder("resnet18")
     report = target.load_pretrained(str(tmp_path / "resnet18.pth"))
     assert_same_tensors(target.state_dict(), {k: v for k, v in stock.state_dict().items() if not k.startswith("fc.")})
     assert report.unexpected == ["fc.weight (classifier of 1000 classes)", "fc.bias (classifier of 1000 classes)"]
@@ -545,7 +545,7 @@ def test_resnet_layouts_load(tmp_path: Path) -> None:
 def test_resnet50_has_torchvision_names() -> None:
     """RSP's ResNet-50 checkpoints use torchvision names: the prior CNN's keys are torchvision's minus ``fc``."""
     stock = torchvision.models.resnet50().state_dict()
-    prior = PriorCNN("resnet50")
+    prior = ResNetEncoder("resnet50")
     assert sorted(prior.state_dict()) == sorted(k for k in stock if not k.startswith("fc."))
     remapped = prior.remap_state(stock)
     assert sorted(remapped.state) == sorted(prior.state_dict())
@@ -823,9 +823,9 @@ def test_encoders_without_weights_need_allow_random_init(tiny_config_path: Path,
                                   f"the README's weights section), or add vision_encoder to allow_random_init to "
                                   f"train it from random weights")
     config = tiny_config(tiny_config_path, tmp_path, None, "allow_random_init=[vision_encoder, text_encoder]")
-    caplog.set_level(logging.WARNING, logger="models.dual_encoder")
+    caplog.set_level(logging.WARNING, logger="models.loading")
     build_model(config, pretrained=True)
-    assert [r.getMessage() for r in caplog.records if r.name == "models.dual_encoder"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "models.loading"] == [
         f"vision_encoder: random init ({config['vision_config']} names no ckpt; allowed by allow_random_init)",
         f"text_encoder: random init (no weights in the text_encoder folder {config['text_encoder']}; allowed by "
         f"allow_random_init)"]
@@ -833,7 +833,7 @@ def test_encoders_without_weights_need_allow_random_init(tiny_config_path: Path,
     with pytest.raises(ValueError) as failure:
         build_model(config, pretrained=False)
     assert str(failure.value) == ("allow_random_init names ['vision']; the encoders of the registered models are "
-                                  "conv_encoder, text_encoder, vision_encoder")
+                                  "conv_encoder, image_encoder, text_encoder, vision_encoder")
 
 
 def test_allow_missing_weights_patterns_reach_the_encoder_loads(tiny_config_path: Path, tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ _SYNTHETIC_DATA: Section = {
 }
 
 _OPTIMIZER: Section = {
-    "opt": Key((str,), "adamW", "optimizer; only AdamW exists (X-VLM name kept)", choices=("adamW", "adamw")),
+    "opt": Key((str,), "adamW", "optimizer: adamW (X-VLM lineage; decoupled weight decay) or adam (AMFMN lineage; "
+                "weight_decay is then an L2 term)", choices=("adamW", "adamw", "adam")),
     "lr": Key((float,), doc="peak learning rate"),
     "weight_decay": Key((float,), 0.01, "AdamW weight decay (not applied to biases and norm weights)"),
     "lr_mult": Key((float,), 1.0, "learning-rate multiplier of the newly initialised heads (projections, temperature)"),
@@ -62,7 +63,10 @@ _OPTIMIZER: Section = {
 }
 
 _SCHEDULER: Section = {
-    "sched": Key((str,), "linear", "decay after warm-up", choices=("linear", "cosine")),
+    "sched": Key((str,), "linear", "decay after warm-up: linear or cosine to 0, or step (x step_gamma every "
+                  "step_epochs epochs, AMFMN's)", choices=("linear", "cosine", "step")),
+    "step_epochs": Key((int,), 20, "step schedule: epochs between decays (AMFMN: 20)"),
+    "step_gamma": Key((float,), 0.7, "step schedule: factor of each decay (AMFMN: 0.7)"),
     "lr": Key((float,), None, "ignored, as in PIR/FISVL: the peak comes from optimizer.lr"),
     "epochs": Key((int,), doc="training length in epochs"),
     "num_warmup_steps": Key((int, float), 0.1, "warm-up length: a fraction (< 1) of all steps, or a step count"),

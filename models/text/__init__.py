@@ -10,8 +10,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .bert import BertWordPieceProcessor, TokenizerError, build_tokenizer
+from .vocab import VocabularyError, WordVocabProcessor
 
-__all__ = ["BertWordPieceProcessor", "TextProcessor", "TokenizerError", "build_tokenizer", "processor_from_state"]
+__all__ = ["BertWordPieceProcessor", "TextProcessor", "TokenizerError", "VocabularyError", "WordVocabProcessor",
+           "build_tokenizer", "processor_from_state"]
 
 
 class TextProcessor(Protocol):
@@ -20,7 +22,7 @@ class TextProcessor(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-_KINDS: dict[str, Any] = {BertWordPieceProcessor.kind: BertWordPieceProcessor}
+_KINDS: dict[str, Any] = {processor.kind: processor for processor in (BertWordPieceProcessor, WordVocabProcessor)}
 
 
 def processor_from_state(state: dict[str, Any]) -> TextProcessor:

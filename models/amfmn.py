@@ -1,0 +1,161 @@
+"""AMFMN (Yuan et al., "Exploring a Fine-Grained Multiscale Method for Cross-Modal Remote Sensing Image
+Retrieval", TGRS 2021; baselines.md §3) and GaLR's global branch (baselines.md §4): the root of the second
+code lineage (AMFMN -> GaLR -> SIRS).
+
+Image: a fine-tuned ResNet-18 at 256 px; v = MVSA(stages) * Linear(mean of layer 4). Text: the paper's bi-GRU
+over a word vocabulary. Score (``amfmn``): cosine(v, t_v) with t_v the visual-guided text vector of the pair
+(``att_type``), so every (image, caption) pair runs the attention head; evaluation fills the matrix in
+blocks (``similarity_chunks``). ``galr_global``: the same towers scored by the plain cosine.
+
+Released checkpoints (``extract_feature.resnet.*``, ``text_feature.*``, ``cross_attention_s.*``) are read
+through ``remap_checkpoint``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset.annotations import DataError, read_json_list
+from dataset.transforms import resnet_eval_transform, resnet_train_transform
+from utils.config import Key, register_keys
+from utils.weights import Remapped, StateDict, patterns_under, with_prefix
+
+from ._registry import register_model
+from .base import RetrievalModel
+from .encoders.gru import BiGRUTextEncoder
+from .encoders.resnet import ResNetEncoder
+from .fusion import GUIDED_ATTENTIONS, MVSA, VisualGuidedText
+from .loading import random_init
+from .text import TextProcessor, WordVocabProcessor
+
+AMFMN_LINEAGE = ("amfmn", "galr_global")
+
+register_keys("AMFMN lineage: ResNet + MVSA, word-vocabulary GRU (amfmn, galr_global)", {
+    "image_arch": Key((str,), "resnet18", "image backbone (torchvision layout)",
+                      choices=("resnet18", "resnet34", "resnet50")),
+    "image_ckpt": Key((str,), None, "image backbone weights, torchvision layout (e.g. torchvision's ImageNet "
+                      "resnet18-f37072fd.pth)", is_path=True),
+    "multiscale_input_channel": Key((int,), 3, "MVSA: channels of the converted low- and high-level maps"),
+    "multiscale_output_channel": Key((int,), 1, "MVSA: channels of the saliency map"),
+    "att_type": Key((str,), "soft_att", "AMFMN's visual-guided text attention (amfmn)", choices=GUIDED_ATTENTIONS),
+    "vocab_file": Key((str,), None, "AMFMN vocabulary JSON (*_splits_vocab.json); none: built from the training "
+                      "captions", is_path=True),
+    "vocab_min_count": Key((int,), 5, "words seen fewer times in the training captions are <unk> (vocabulary "
+                           "built when vocab_file is not set; stop words are always <unk>, as in AMFMN)"),
+    "word_dim": Key((int,), 300, "bi-GRU word embedding width (AMFMN paper: 300)"),
+    "resize_res": Key((int,), 278, "train images are resized to this square before the random crop to image_res"),
+    "rotation_degrees": Key((list,), [0, 90], "range of the random train rotation (AMFMN's intended (0, 90))"),
+}, models=AMFMN_LINEAGE)
+
+
+def build_word_processor(config: dict[str, Any]) -> WordVocabProcessor:
+    """The vocabulary file the config names, or one built from the training captions."""
+    if config["vocab_file"]:
+        return WordVocabProcessor.from_vocab_file(config["vocab_file"])
+    captions = []
+    for path in config["train_file"]:
+        for number, entry in enumerate(read_json_list(path)):
+            if not isinstance(entry, dict) or not isinstance(entry.get("caption"), str):
+                raise DataError(f"{path}: entry {number} has no caption text (needed to build the vocabulary)")
+            captions.append(entry["caption"])
+    return WordVocabProcessor.from_captions(captions, config["vocab_min_count"],
+                                            source=f"captions of {', '.join(config['train_file'])}")
+
+
+def pairwise_cosine(image_emb: torch.Tensor, guided_text: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """cosine(v_i, t_ij) for v [I, d] and t [I, T, d], as AMFMN computes it (norm product clamped at ``eps``)."""
+    dots = (image_emb[:, None, :] * guided_text).sum(-1)
+    return dots / (image_emb.norm(dim=-1)[:, None] * guided_text.norm(dim=-1)).clamp(min=eps)
+
+
+class AMFMN(RetrievalModel):
+    """``encode_image``: MVSA-gated global vector [B, d]; ``encode_text``: bi-GRU vector [B, d]; ``similarity``:
+    the guided cosine of every pair (``guided``), else the cosine of the L2-normalised embeddings."""
+
+    encoder_names = ("image_encoder",)
+    similarity_chunks = (64, 1024)  # images x captions per block: 64 x 1024 x d floats at a time
+
+    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
+                 guided: bool = True) -> None:
+        super().__init__()
+        dim, res = config["embed_dim"], config["image_res"]
+        degrees = config["rotation_degrees"]
+        if len(degrees) != 2:
+            raise ValueError(f"rotation_degrees must be [min, max], got {degrees}")
+        self.text_processor = text_processor or build_word_processor(config)
+        self.train_transform = resnet_train_transform(config["resize_res"], res, tuple(degrees))
+        self.eval_transform = resnet_eval_transform(res)
+        self.image_encoder = ResNetEncoder(config["image_arch"])
+        self.global_proj = nn.Linear(self.image_encoder.width, dim)
+        self.mvsa = MVSA(self.image_encoder.stage_channels, res, dim, config["multiscale_input_channel"],
+                         config["multiscale_output_channel"])
+        self.text_encoder = BiGRUTextEncoder(self.text_processor.vocab_size, config["word_dim"], dim)
+        self.guided_text = VisualGuidedText(config["att_type"], dim) if guided else None
+        self.scores_are_dot_products = not guided
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        stages = self.image_encoder.forward_stages(images)
+        image_emb = self.mvsa(stages, self.global_proj(stages[-1].mean(dim=(2, 3))))
+        return image_emb if self.guided_text else F.normalize(image_emb, dim=-1)
+
+    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        text_emb = self.text_encoder(text["input_ids"], text["lengths"])
+        return text_emb if self.guided_text else F.normalize(text_emb, dim=-1)
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        if self.guided_text is None:
+            return image_emb @ text_emb.t()
+        return pairwise_cosine(image_emb, self.guided_text(image_emb, text_emb))
+
+    # --- weights
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"image_encoder": self.image_encoder}
+
+    def pretrained_sources(self, config: dict[str, Any]) -> dict[str, str | None]:
+        return {"image_encoder": config["image_ckpt"] or None}
+
+    def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
+        if "image_encoder" not in (list(self.encoders()) if parts is None else list(parts)):
+            return
+        path = config["image_ckpt"]
+        if not path:
+            random_init("image_encoder", config, "image_ckpt is not set")
+            return
+        self.image_encoder.load_pretrained(path, patterns_under(config["allow_missing_weights"], "image_encoder."),
+                                           key="image_ckpt", role="image encoder")
+
+    def remap_checkpoint(self, state: StateDict) -> Remapped:
+        """This project's names, or AMFMN's released ones: ``extract_feature.resnet`` (torchvision, its ``fc``
+        dropped), ``extract_feature.linear``, ``mvsa``, ``cross_attention_s``; the never-called ``vgmf_gate``
+        is dropped."""
+        if not any(key.startswith("extract_feature.") for key in state):
+            return Remapped(dict(state))
+        renames = {"extract_feature.linear.": "global_proj.", "mvsa.": "mvsa.", "cross_attention_s.": "guided_text.",
+                   "text_feature.seq2vec.": "text_encoder.", "text_feature.to_out.": "text_proj."}
+        backbone = self.image_encoder.remap_state(with_prefix(state, "extract_feature.resnet."))
+        out = {f"image_encoder.{key}": value for key, value in backbone.state.items()}
+        dropped = [f"extract_feature.resnet.{entry}" for entry in backbone.dropped]
+        for key, value in state.items():
+            old = next((prefix for prefix in renames if key.startswith(prefix)), None)
+            if old is not None:
+                out[renames[old] + key[len(old):]] = value
+            elif not key.startswith("extract_feature.resnet."):
+                dropped.append(f"{key} (not used by the released forward)")
+        return Remapped(out, dropped=dropped)
+
+
+@register_model("amfmn")
+def amfmn(config: dict[str, Any], text_processor: TextProcessor | None = None) -> AMFMN:
+    """AMFMN with its visual-guided text attention (``att_type``), trained with the triplet loss."""
+    return AMFMN(config, text_processor, guided=True)
+
+
+@register_model("galr_global")
+def galr_global(config: dict[str, Any], text_processor: TextProcessor | None = None) -> AMFMN:
+    """GaLR's global branch: AMFMN's towers and the plain cosine (GaLR's local GCN branch needs detector
+    inputs that are not public; baselines.md §4)."""
+    return AMFMN(config, text_processor, guided=False)

@@ -1,0 +1,294 @@
+"""AMFMN and GaLR-global (baselines.md §3-4): word vocabulary, bi-GRU, MVSA, the visual-guided text
+attentions, pairwise scoring in evaluation, released checkpoint names, Adam and the step schedule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import SHARED_DATASETS, write_json
+from dataset.captions import ENGLISH_STOP_WORDS, word_tokens
+from models import build_model
+from models.amfmn import pairwise_cosine
+from models.encoders.gru import BiGRUTextEncoder
+from models.encoders.resnet import ResNetEncoder
+from models.fusion import MVSA, VisualGuidedText
+from models.inference import similarity_matrix
+from models.loading import load_for_evaluation
+from models.objective import build_objective
+from models.task import RetrievalTask
+from models.text import VocabularyError, WordVocabProcessor
+from optim import create_optimizer
+from scheduler import create_scheduler, parse_stages
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RSITMD_VOCAB = SHARED_DATASETS / "RSITMD" / "vocab" / "rsitmd_splits_vocab.json"
+
+
+def amfmn_config(tmp_path: Path, *overrides: str) -> dict:
+    """configs/demo_amfmn.yaml with a vocabulary built from a small caption file."""
+    captions = ["A white plane is parked beside the runway.", "Two white planes near the runway",
+                "a red roof beside the green lawn", "many cars park beside the road ."]
+    train = write_json(tmp_path / "train.json", [{"image": f"{i}.png", "caption": c, "image_id": i}
+                                                  for i, c in enumerate(captions)])
+    return load_config(ROOT / "configs" / "demo_amfmn.yaml", ["synthetic_data=null", f"train_file=[{train}]",
+                                                              *overrides])
+
+
+# --- words
+
+
+def test_word_tokens_split_sentence_periods_and_keep_abbreviations() -> None:
+    assert word_tokens("Some buildings. A plane's wing, near 2 cars .") == [
+        "some", "buildings", ".", "a", "plane", "'s", "wing", ",", "near", "2", "cars", "."]
+    assert word_tokens("the u.s. flag") == ["the", "u.s.", "flag"]
+    assert len(ENGLISH_STOP_WORDS) == 179 and {"the", "is", "there", "wouldn't"} <= ENGLISH_STOP_WORDS
+
+
+def test_vocabulary_built_as_amfmn_builds_it() -> None:
+    """Stop words and punctuation never enter; words below the count are left out; first-appearance order;
+    <unk> last; id 0 pads."""
+    captions = ["A red plane, a red car.", "the red plane is big", "Planes: one car; red"]
+    processor = WordVocabProcessor.from_captions(captions, min_count=2)
+    assert processor.words == ["<pad>", "red", "plane", "car", "<unk>"]
+    out = processor(["red planes near a car", "plane"])
+    assert out["input_ids"].tolist() == [[1, 4, 4, 4, 3], [2, 0, 0, 0, 0]]
+    assert out["lengths"].tolist() == [5, 1]
+    with pytest.raises(VocabularyError, match="no word occurs 9 times"):
+        WordVocabProcessor.from_captions(captions, min_count=9)
+    with pytest.raises(ValueError, match="no word tokens"):
+        processor(["red", " , . "])
+
+
+@pytest.mark.skipif(not RSITMD_VOCAB.is_file(), reason="../shared/datasets is not available")
+def test_released_rsitmd_vocabulary_loads() -> None:
+    processor = WordVocabProcessor.from_vocab_file(RSITMD_VOCAB)
+    word2idx = json.loads(RSITMD_VOCAB.read_text())["word2idx"]
+    assert processor.vocab_size == len(word2idx) + 1 == 1350
+    ids = processor(["A white plane parked beside the runway"])["input_ids"][0].tolist()
+    unk = word2idx["<unk>"]
+    assert ids == [unk, word2idx["white"], word2idx["plane"], word2idx["parked"], word2idx["beside"], unk,
+                   word2idx["runway"]]  # stop words are <unk>: the released vocabulary leaves them out
+    assert WordVocabProcessor.from_state(processor.state()).words == processor.words
+
+
+def test_vocabulary_file_errors_name_the_file(tmp_path: Path) -> None:
+    cases = {"not_json.json": "{", "no_word2idx.json": json.dumps({"idx": 3}),
+             "gaps.json": json.dumps({"word2idx": {"a": 1, "<unk>": 3}})}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(VocabularyError, match=name):
+            WordVocabProcessor.from_vocab_file(tmp_path / name)
+    write_json(tmp_path / "no_unk.json", {"word2idx": {"a": 1, "b": 2}})
+    with pytest.raises(VocabularyError, match="no_unk.json.*<unk>"):
+        WordVocabProcessor.from_vocab_file(tmp_path / "no_unk.json")
+
+
+# --- text encoder
+
+
+def test_bigru_averages_directions_then_words_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    encoder = BiGRUTextEncoder(vocab_size=20, word_dim=6, width=5).eval()
+    caption = torch.tensor([3, 7, 2])
+    alone = encoder(caption[None], torch.tensor([3]))
+    batch = torch.tensor([[3, 7, 2, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    assert torch.allclose(encoder(batch, torch.tensor([3, 6]))[0], alone[0], atol=1e-6)
+    # the formula, from the GRU run forward and backward over the caption alone
+    states, _ = encoder.gru(encoder.embedding(caption)[None])
+    expected = ((states[0, :, :5] + states[0, :, 5:]) / 2).mean(0)
+    assert torch.allclose(alone[0], expected, atol=1e-6)
+
+
+# --- image branch
+
+
+def test_mvsa_at_paper_size_follows_the_released_forward() -> None:
+    """ResNet-18 at 256 px: stages 64x64x64, 128x32x32, 256x16x16, 512x8x8; MVSA meets at 16x16 (256 values)."""
+    torch.manual_seed(0)
+    backbone = ResNetEncoder("resnet18").eval()
+    stages = backbone.forward_stages(torch.randn(2, 3, 256, 256))
+    assert [tuple(s.shape[1:]) for s in stages] == [(64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8)]
+    mvsa = MVSA(backbone.stage_channels, 256, 512)
+    global_vector = torch.randn(2, 512)
+    out = mvsa(stages, global_vector)
+    assert out.shape == (2, 512)
+    # the spec step by step
+    f1, f2, f3, f4 = stages
+    low = F.conv2d(torch.cat([f1, f2.repeat_interleave(2, 2).repeat_interleave(2, 3)], 1), mvsa.LF_conv.weight,
+                   mvsa.LF_conv.bias, stride=4)
+    high = F.conv2d(torch.cat([f3, f4.repeat_interleave(2, 2).repeat_interleave(2, 3)], 1), mvsa.HF_conv.weight,
+                    mvsa.HF_conv.bias)
+    assert low.shape == high.shape == (2, 3, 16, 16)
+    joint = torch.cat([low, high], 1) + high.mean(1, keepdim=True)
+    main = F.conv2d(joint, mvsa.conv1x1_1.weight, mvsa.conv1x1_1.bias)
+    gate = torch.sigmoid(F.conv2d(joint, mvsa.conv1x1_2.weight, mvsa.conv1x1_2.bias))
+    mask = torch.sigmoid((main * gate).reshape(2, 256) @ mvsa.solo_attention.weight.T + mvsa.solo_attention.bias)
+    assert torch.allclose(out, global_vector * mask, atol=1e-5)
+
+
+def test_resnet_transforms_crop_rotate_and_normalise_as_amfmn(tmp_path: Path) -> None:
+    config = amfmn_config(tmp_path, "image_res=256", "resize_res=278")
+    model = build_model(config, pretrained=False)
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    assert model.train_transform(image).shape == model.eval_transform(image).shape == (3, 256, 256)
+    rotation = [t for t in model.train_transform.transforms if type(t).__name__ == "RandomRotation"]
+    assert rotation and list(rotation[0].degrees) == [0.0, 90.0]
+    red = model.eval_transform(image)[:, 128, 128]
+    assert torch.allclose(red, (torch.tensor([1.0, 0, 0]) - torch.tensor([0.485, 0.456, 0.406]))
+                          / torch.tensor([0.229, 0.224, 0.225]), atol=1e-5)
+
+
+# --- scores
+
+
+def guided_reference(head: VisualGuidedText, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Each pair by its formula (baselines.md §3.3), one pair at a time, then AMFMN's cosine."""
+    scores = torch.empty(v.shape[0], t.shape[0])
+    for i in range(v.shape[0]):
+        for j in range(t.shape[0]):
+            if head.kind == "soft_att":
+                guided = torch.sigmoid(head.cross_attention[0](v[i])) * t[j]
+            elif head.kind == "fusion_att":
+                joint = torch.cat([v[i], t[j]])
+                guided = torch.sigmoid(head.cross_attention_fc1[0](joint)) * head.cross_attention_fc2[0](joint)
+            else:
+                mapped = head.fc_text[0](t[j])
+                guided = torch.sigmoid(head.fc_visual[0](v[i]) * mapped) * mapped
+            scores[i, j] = (v[i] @ guided) / (v[i].norm() * guided.norm()).clamp(min=1e-8)
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["soft_att", "fusion_att", "similarity_att"])
+def test_guided_attentions_match_their_formulas(kind: str) -> None:
+    torch.manual_seed(1)
+    head = VisualGuidedText(kind, 8)
+    v, t = torch.randn(3, 8), torch.randn(5, 8)
+    guided = head(v, t)
+    assert guided.shape == (3, 5, 8)
+    assert torch.allclose(pairwise_cosine(v, guided), guided_reference(head, v, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["amfmn", "galr_global"])
+def test_blockwise_evaluation_equals_one_block(model_name: str, tmp_path: Path) -> None:
+    config = amfmn_config(tmp_path, f"model={model_name}", "att_type=fusion_att")
+    model = build_model(config, pretrained=False).eval()
+    images = model.encode_image(torch.randn(7, 3, 64, 64))
+    texts = model.encode_text(model.text_processor([f"{n} white plane beside runway" for n in range(11)]))
+    whole = model.similarity(images, texts)
+    model.similarity_chunks = (3, 4)  # blocks of 3 images x 4 captions, ragged at both edges
+    assert torch.allclose(similarity_matrix(model, images, texts), whole, atol=1e-6)
+    if model_name == "galr_global":
+        assert torch.allclose(whole, F.cosine_similarity(images[:, None], texts[None], dim=-1), atol=1e-6)
+
+
+def test_pairwise_model_refuses_losses_that_use_dot_products(tmp_path: Path) -> None:
+    config = amfmn_config(tmp_path, "stages=[{name: c, start_epoch: 0, losses: {contr: 1}}]")
+    with pytest.raises(ValueError, match=r"\['contr'\] score pairs by dot products.*triplet"):
+        RetrievalTask(build_model(config, pretrained=False), build_objective(config, parse_stages(config)))
+
+
+def test_training_step_scores_the_batch_with_the_guided_head(tmp_path: Path) -> None:
+    """The triplet loss of a training step is the formula on the model's pairwise scores."""
+    config = amfmn_config(tmp_path)
+    model = build_model(config, pretrained=False)
+    task = RetrievalTask(model, build_objective(config, parse_stages(config))).eval()
+    images = torch.randn(4, 3, 64, 64)
+    text = model.text_processor(["white plane", "red roof", "cars beside road", "white planes near runway"])
+    ids = torch.tensor([0, 1, 2, 0])
+    loss = task({"images": images, "text": text, "image_idx": ids}, epoch=0)["loss_triplet"]
+    scores = model.similarity(model.encode_image(images), model.encode_text(text))
+    negative = ids[:, None] != ids[None, :]
+    expected = (((0.2 + scores - scores.diag()[:, None]).clamp(min=0) * negative).sum()
+                + ((0.2 + scores - scores.diag()[None, :]).clamp(min=0) * negative).sum())
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert {name.split(".")[0] for name, p in model.named_parameters()} >= {"guided_text", "mvsa", "text_encoder"}
+
+
+# --- weights
+
+
+def released_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in AMFMN's released layout, written from this model's: names of AMFMN.py."""
+    renames = {"image_encoder.": "extract_feature.resnet.", "global_proj.": "extract_feature.linear.",
+               "mvsa.": "mvsa.", "guided_text.": "cross_attention_s.", "text_encoder.": "text_feature.seq2vec."}
+    out = {}
+    for key, value in state.items():
+        prefix = next(p for p in renames if key.startswith(p))
+        out[renames[prefix] + key[len(prefix):]] = value
+    out["extract_feature.resnet.fc.weight"] = torch.zeros(1000, 512)
+    out["extract_feature.resnet.fc.bias"] = torch.zeros(1000)
+    out["vgmf_gate.gate.weight"] = torch.zeros(128, 256)
+    return out
+
+
+def test_released_layout_checkpoint_loads_completely(tmp_path: Path) -> None:
+    config = amfmn_config(tmp_path, "att_type=similarity_att")
+    torch.manual_seed(2)
+    trained = build_model(config, pretrained=False)
+    path = tmp_path / "amfmn_rsitmd_best.pth.tar"
+    torch.save({"model": released_names(trained.state_dict()), "epoch": 12}, path)
+    torch.manual_seed(3)
+    fresh = build_model(config, pretrained=False)
+    report = load_for_evaluation(fresh, str(path), config)
+    assert report.loaded == len(trained.state_dict()) and not report.missing
+    assert any("vgmf_gate" in entry for entry in report.unexpected)
+    assert any("fc.weight" in entry for entry in report.unexpected)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_imagenet_resnet18_file_loads_into_the_image_encoder(tmp_path: Path) -> None:
+    """A torchvision-layout ResNet-18 file (its classifier dropped) via image_ckpt; without one the encoder
+    must be allowed to start at random."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(4)
+    reference = resnet18()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    config = amfmn_config(tmp_path, f"image_ckpt={tmp_path / 'resnet18.pth'}", "allow_random_init=[]")
+    model = build_model(config)
+    assert torch.equal(model.image_encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(Exception, match="image_encoder: image_ckpt is not set"):
+        build_model(amfmn_config(tmp_path, "allow_random_init=[]"))
+
+
+def test_paper_size_parameter_count(tmp_path: Path) -> None:
+    """ResNet-18 (no classifier) + global Linear + MVSA + bi-GRU over a 1,350-entry vocabulary + soft attention."""
+    vocab = write_json(tmp_path / "vocab.json", {"word2idx": {**{f"w{i}": i + 1 for i in range(1348)}, "<unk>": 1349}})
+    config = load_config(ROOT / "configs" / "Retrieval_rsitmd_amfmn.yaml", [f"vocab_file={vocab}"])
+    model = build_model(config, pretrained=False)
+    d, c = 512, 3
+    resnet18 = 11_689_512 - (512 * 1000 + 1000)
+    mvsa = (192 * c * 9 + c) + (768 * c + c) + 2 * (2 * c + 1) + (256 * d + d)
+    gru = 1350 * 300 + 2 * 3 * (300 * d + d * d + 2 * d)
+    expected = resnet18 + (512 * d + d) + mvsa + gru + (d * d + d)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.text_processor.vocab_size == 1350
+
+
+# --- optimisation
+
+
+def test_adam_and_the_step_schedule(tmp_path: Path) -> None:
+    """AMFMN: Adam, lr x 0.7 after every 20 epochs (constant within an epoch)."""
+    config = amfmn_config(tmp_path, "optimizer.lr=2e-4", "schedular.step_epochs=20", "schedular.epochs=70")
+    model = build_model(config, pretrained=False)
+    optimizer = create_optimizer(config["optimizer"], model)
+    assert type(optimizer) is torch.optim.Adam
+    scheduler = create_scheduler(config["schedular"], optimizer, steps_per_epoch=3)
+    lrs = []
+    for _ in range(70 * 3):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    per_epoch = lrs[::3]
+    assert per_epoch[0] == per_epoch[19] == pytest.approx(2e-4)
+    assert per_epoch[20] == per_epoch[39] == pytest.approx(2e-4 * 0.7)
+    assert per_epoch[40] == pytest.approx(2e-4 * 0.49) and per_epoch[69] == pytest.approx(2e-4 * 0.343)
+    assert lrs[60:63] == [per_epoch[20]] * 3
