@@ -26,7 +26,7 @@ import utils.distributed as dist_utils
 from dataset import EvalSplit, check_split_images, create_eval_split, create_train_loader, prepare_synthetic_data
 from models import RetrievalModel, build_model
 from models.loading import initialise_from_checkpoint, load_for_evaluation, untrained_parts
-from models.evaluation import evaluate_split
+from models.evaluation import check_rerank, evaluate_split
 from models.inference import checkpoint_payload
 from models.objective import RetrievalObjective, build_objective
 from models.task import RetrievalTask
@@ -261,7 +261,7 @@ def evaluate_only(args: argparse.Namespace, config: dict[str, Any], device: torc
     metrics = evaluate_split(model, split, config, device)
     if info.is_main:
         chance = chance_metrics(split.annotations.img2txt, len(split.annotations.texts))
-        result = {"split": args.split, **weights, **{k: metrics[k] for k in METRIC_KEYS},
+        result = {"split": args.split, **weights, "rerank": config["rerank"], **{k: metrics[k] for k in METRIC_KEYS},
                   "chance_r_mean": chance["r_mean"], "n_images": len(split.annotations.image_paths),
                   "n_texts": len(split.annotations.texts), "eval_time_s": round(metrics["eval_time_s"], 3)}
         write_text_atomic(json.dumps(result, indent=2) + "\n", output_dir / "eval_results.json")
@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_run_arguments(build_parser(), argv)
     config = load_config(args.config, [*args.opts, *args.overrides])
     parse_stages(config, args.config)  # a bad stage list fails before any data or model is built
+    check_rerank(config, args.config)
     if args.resume and args.evaluate:
         raise ValueError("--resume continues training; use --evaluate --checkpoint PATH to evaluate")
     info = dist_utils.world_info_from_env()

@@ -5,6 +5,7 @@
     python run.py --task itr_rsitmd --config configs/Retrieval_rsitmd.yaml --output_dir output/rsitmd --dist f2
     python run.py --task itr_rsitmd --evaluate --checkpoint output/rsitmd/checkpoint_best.pth --output_dir output/eval
     python run.py --config configs/demo_fisvl.yaml optimizer.lr=1e-3 schedular.epochs=2     # dotted config overrides
+    python run.py --task itr_rsitmd --output_dir output/rsitmd3 --repeats 3   # 3 seeds, then their mean and std
 
 One process runs in place (no torch.distributed); several are started with torchrun. ``--config`` is
 always honoured: ``--task`` only supplies the default config.
@@ -12,6 +13,7 @@ always honoured: ``--task`` only supplies the default config.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import add_run_arguments, parse_run_arguments
+from utils.repeats import RepeatRun, plan_repeats, summarise
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # demo_<model> for each configs/demo_<model>.yaml (every registered model has one), the paper tasks, and
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML config (default: the task's)")
     parser.add_argument("--output_dir", default=None, help="run folder (default: output/<task>)")
     add_run_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="train N times, with seeds seed .. seed+N-1, into output_dir/run_<k>/, then write "
+                             "output_dir/summary.json (mean and sample std of every run's selected val and test "
+                             "recalls); with --resume, finished runs are skipped")
     parser.add_argument("--dist", default=None,
                         help="cpu, gpuN, or a multi-GPU preset (" + ", ".join(DIST_PRESETS) + "); default: gpu0 "
                              "when CUDA is available, else cpu")
@@ -110,9 +117,74 @@ def torchrun_command(args: argparse.Namespace, nproc: int, worker_argv: list[str
     return command + [str(Path(__file__).with_name("Retrieval.py")), *worker_argv]
 
 
+def launch(args: argparse.Namespace, nproc: int, worker_argv: list[str]) -> int:
+    """One run: in place for a single process, else under torchrun; its exit status."""
+    if nproc * args.nnodes == 1:
+        import Retrieval  # in place: no process group, no launcher
+
+        Retrieval.main(worker_argv)
+        return 0
+    command = torchrun_command(args, nproc, worker_argv)
+    log.info("run.py: %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+def check_repeats(args: argparse.Namespace) -> None:
+    """Refuse a --repeats value or combination that cannot run, before anything starts."""
+    if args.repeats is None:
+        return
+    if args.repeats < 1:
+        raise SystemExit(f"run.py: --repeats is a number of runs >= 1, got {args.repeats}")
+    if args.evaluate:
+        raise SystemExit("run.py: --repeats repeats training; it cannot be combined with --evaluate")
+    if args.resume not in (None, "latest"):
+        raise SystemExit("run.py: with --repeats, --resume continues each run from its own checkpoint_last.pth; "
+                         f"it takes no checkpoint path (got {args.resume!r})")
+
+
+def repeat(args: argparse.Namespace, config: str, output_dir: str, device: str, nproc: int) -> int:
+    """``--repeats N``: the runs one after another (finished ones skipped on ``--resume``), then the summary."""
+    runs = plan_repeats(Path(output_dir), args.seed, args.repeats, args.resume is not None)
+    for run in runs:
+        console_logging()
+        if run.finished:
+            log.info("run.py: %s finished earlier (seed %d): skipped", run.folder, run.seed)
+            continue
+        log.info("run.py: %s, seed %d%s", run.folder, run.seed, ", resumed" if run.resume else "")
+        run_args = argparse.Namespace(**{**vars(args), "seed": run.seed, "resume": run.resume})
+        status = launch(args, nproc, worker_arguments(run_args, config, str(run.folder), device))
+        if status:
+            return status
+    console_logging()
+    if args.node_rank == 0:  # the runs' log.txt are written on node 0
+        write_summary(Path(output_dir), runs)
+    return 0
+
+
+def console_logging() -> None:
+    """The launcher's console log again: a run in place pointed the root logger at its own run.log."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+
+
+def write_summary(output_dir: Path, runs: list[RepeatRun]) -> None:
+    """``summary.json`` and the table of the runs' means and standard deviations."""
+    from Retrieval import format_table  # after the runs: torch may start now
+
+    summary = summarise(runs)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    rows = {f"{result['run']} test (seed {result['seed']})": result["test"] for result in summary["runs"]}
+    for split in ("test", "val"):
+        rows[f"{split} mean"] = summary["mean"][split]
+        if summary["std"] is not None:
+            rows[f"{split} std"] = summary["std"][split]
+    log.info("run.py: %d runs, each at its checkpoint selected on %s; %s:\n%s", len(runs),
+             summary["runs"][0]["selected_on"], output_dir / "summary.json", format_table(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_run_arguments(build_parser(), argv)
+    check_repeats(args)
     config = args.config or TASKS[args.task]
     output_dir = args.output_dir or os.path.join("output", args.task)
     for option in ("load_ckpt_from", "output_hdfs"):
@@ -122,15 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or device
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    worker_argv = worker_arguments(args, config, output_dir, device)
-    if nproc * args.nnodes == 1:
-        import Retrieval  # in place: no process group, no launcher
-
-        Retrieval.main(worker_argv)
-        return 0
-    command = torchrun_command(args, nproc, worker_argv)
-    log.info("run.py: %s", " ".join(command))
-    return subprocess.run(command, check=False).returncode
+    if args.repeats is not None:
+        return repeat(args, config, output_dir, device, nproc)
+    return launch(args, nproc, worker_arguments(args, config, output_dir, device))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,37 @@
 """The evaluation protocol: embed a split once (images and texts sharded over processes), score all pairs
-with the model's ``similarity``, compute R@K."""
+with the model's ``similarity``, optionally re-rank the scores, compute R@K."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 
 from dataset import EvalSplit
+from utils.config import ConfigError, Key, register_keys
 from utils.distributed import gather_uneven, shard_range
 from utils.metrics import retrieval_metrics
+from utils.rerank import multivariate_rerank
 
 from .base import RetrievalModel
 from .inference import embed_image_batches, embed_texts, similarity_matrix
+
+log = logging.getLogger(__name__)
+
+register_keys("Evaluation: re-ranking (every model)", {
+    "rerank": Key((str,), "none", "test-time re-rank of the val/test scores before R@K: none, or galr_mr = GaLR's "
+                  "multivariate re-rank (utils/rerank.py)", choices=("none", "galr_mr")),
+    "rerank_k": Key((int,), 30, "galr_mr: each query re-scores its max(10, rerank_k) best candidates (GaLR's K)"),
+    "rerank_wp1": Key((float,), 0.3, "galr_mr: weight of p1, the pair's share of the candidate's score mass"),
+    "rerank_wp2": Key((float,), 1.1, "galr_mr: weight of p3, the candidate's rank in the reverse direction"),
+})
+
+
+def check_rerank(config: dict[str, Any], source: str) -> None:
+    """Fail before any data or model is built on a re-rank setting that evaluation would refuse."""
+    if config["rerank"] != "none" and config["rerank_k"] < 1:
+        raise ConfigError(f"{source}: key 'rerank_k': expected a number of candidates >= 1, got {config['rerank_k']}")
 
 
 def embed_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
@@ -29,10 +48,16 @@ def embed_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
 
 def evaluate_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
                    device: torch.device) -> dict[str, float]:
-    """R@1/5/10 both ways and ``r_mean`` of ``model`` on ``split``; adds ``eval_time_s``."""
+    """R@1/5/10 both ways and ``r_mean`` of ``model`` on ``split`` (after the config's ``rerank``); adds
+    ``eval_time_s``."""
     start = time.time()
     image_emb, text_emb = embed_split(model, split, config, device)
-    metrics = retrieval_metrics(similarity_matrix(model, image_emb, text_emb), split.annotations.img2txt,
-                                split.annotations.txt2img)
+    sims = similarity_matrix(model, image_emb, text_emb)
+    t2i_sims = None
+    if config["rerank"] == "galr_mr":
+        sims, t2i_sims = multivariate_rerank(sims, config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
+        log.info("%s: scores re-ranked by GaLR's multivariate re-rank (k %d, wp1 %g, wp2 %g)", split.name,
+                 config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
+    metrics = retrieval_metrics(sims, split.annotations.img2txt, split.annotations.txt2img, t2i_sims)
     metrics["eval_time_s"] = time.time() - start
     return metrics

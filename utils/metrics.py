@@ -8,6 +8,9 @@ candidate index (the earlier candidate ranks higher), i.e. a stable sort; X-VLM 
 * text -> image (``img_r*``): a caption's rank is the rank of its single image;
 * ``r_mean`` is the mean of the six recalls. All values are percentages.
 
+Both directions usually rank one score matrix; a test-time re-rank (``utils.rerank``) gives each direction
+its own, passed as ``t2i_sims``.
+
 Nothing is sorted: a target's rank is the number of candidates that outrank it (a higher score, or an equal
 one with a lower index), counted in blocks of image rows against each row's and each column's target score.
 Scores with NaN or inf raise ``NonFiniteScoresError`` instead of yielding recalls (NaN compares False, so a
@@ -27,7 +30,7 @@ class NonFiniteScoresError(ValueError):
     """NaN/inf scores: every comparison with NaN is False, so NaN scores would put every target first (100 %)."""
 
 
-def _check_finite(sims: torch.Tensor) -> None:
+def check_finite(sims: torch.Tensor) -> None:
     """Refuse NaN/inf scores. ``aminmax`` (one reduction, on the scores' device) propagates NaN and exposes
     +-inf, and costs a fraction of ``isfinite(sims).all()``; only the error path counts what is affected."""
     if sims.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(sims))).all()):
@@ -75,11 +78,12 @@ def _outranking(block: torch.Tensor, target: torch.Tensor, target_index: torch.T
 
 
 def retrieval_ranks(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
-                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int = 128, t2i_sims: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks: (per image, best of its captions; per caption, of its image).
 
     Each score is compared with its row's target (the image's best caption) and its column's target (the
     caption's own image), ``chunk`` image rows at a time: no dense positive masks, no transposed copy.
+    ``t2i_sims`` (same ``[n_images, n_texts]`` layout), when given, supplies the columns' scores instead.
     """
     if sims.dim() != 2:
         raise ValueError(f"sims must be [n_images, n_texts], got shape {tuple(sims.shape)}")
@@ -90,13 +94,18 @@ def retrieval_ranks(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2im
     counts = torch.as_tensor([len(caps) for caps in img2txt], dtype=torch.long)
     if bool((counts == 0).any()):
         raise ValueError("every image needs at least one caption in img2txt")
-    _check_finite(sims)
+    columns = sims if t2i_sims is None else t2i_sims
+    if columns.shape != sims.shape:
+        raise ValueError(f"t2i_sims must have the shape of sims {tuple(sims.shape)}, got {tuple(columns.shape)}")
+    check_finite(sims)
+    if t2i_sims is not None:
+        check_finite(t2i_sims)
     device = sims.device
     owner = torch.repeat_interleave(torch.arange(n_img), counts).to(device)
     captions = torch.as_tensor([c for caps in img2txt for c in caps], dtype=torch.long, device=device)
     best, first = _best_positives(sims, owner, captions)
     own_image = torch.as_tensor(list(txt2img), dtype=torch.long, device=device)[None, :]
-    own_score = sims.gather(0, own_image)
+    own_score = columns.gather(0, own_image)
     texts = torch.arange(n_txt, device=device)[None, :]
     images = torch.arange(n_img, device=device)[:, None]
     rows = min(chunk, n_img)  # float32 sums of 0/1 are exact up to 2**24 candidates per count
@@ -108,7 +117,7 @@ def retrieval_ranks(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2im
         stop = min(start + chunk, n_img)
         block, scratch = sims[start:stop], buffer[:stop - start]
         i2t[start:stop] = _outranking(block, best[start:stop, None], first[start:stop, None], texts, 1, scratch)
-        t2i += _outranking(block, own_score, own_image, images[start:stop], 0, scratch)
+        t2i += _outranking(columns[start:stop], own_score, own_image, images[start:stop], 0, scratch)
     return i2t.long(), t2i.long()
 
 
@@ -116,9 +125,11 @@ def _recall(ranks: torch.Tensor, k: int) -> float:
     return 100.0 * (ranks < k).double().mean().item()
 
 
-def retrieval_metrics(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> dict[str, float]:
-    """R@1/5/10 both ways and their mean, in percent. ``sims`` is ``[n_images, n_texts]``."""
-    i2t, t2i = retrieval_ranks(sims, img2txt, txt2img)
+def retrieval_metrics(sims: torch.Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
+                      t2i_sims: torch.Tensor | None = None) -> dict[str, float]:
+    """R@1/5/10 both ways and their mean, in percent. ``sims`` is ``[n_images, n_texts]``; ``t2i_sims``, in the
+    same layout, when text -> image ranks other scores (a re-rank's)."""
+    i2t, t2i = retrieval_ranks(sims, img2txt, txt2img, t2i_sims=t2i_sims)
     metrics = {f"txt_r{k}": _recall(i2t, k) for k in RECALL_KS}
     metrics.update({f"img_r{k}": _recall(t2i, k) for k in RECALL_KS})
     metrics["r_mean"] = sum(metrics[key] for key in METRIC_KEYS[:-1]) / 6.0
