@@ -57,20 +57,21 @@ haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan
 weren weren't won won't wouldn wouldn't
 """.split())
 
-_WORD_TOKENIZER = NLTKWordTokenizer()
-_TRAILING_PERIOD = re.compile(r"^(.+?)(\.+)$")
+_WORD_TOKENIZER = NLTKWordTokenizer()  # the per-sentence tokenizer inside nltk's word_tokenize
 
 
 def word_tokens(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens as nltk's ``word_tokenize`` gives them (the AMFMN lineage's
-    tokeniser), without the sentence model it downloads: the Treebank word tokeniser it applies per sentence,
-    and the period that ends a sentence inside the text split off as the sentence split would
-    (``"roofs. a car"`` -> ``roofs . a car``). Abbreviations with inner periods (``u.s.``) keep them."""
-    tokens = []
-    for token in _WORD_TOKENIZER.tokenize(text.lower()):
-        match = _TRAILING_PERIOD.match(token)
-        if match and "." not in match.group(1):
-            tokens += [match.group(1), "."]
+    """nltk's ``word_tokenize`` for captions (the AMFMN lineage's tokeniser), without the punkt sentence model
+    it downloads: the Treebank word tokeniser it applies per sentence, and a sentence end inside the text split
+    off as punkt would for ordinary captions (``"roofs. A car"`` -> ``roofs . A car``). Words with another
+    period (``U.S.``, ``3.5``) keep theirs; punkt would also keep the period of abbreviations it knows."""
+    tokens = _WORD_TOKENIZER.tokenize(text)
+    split: list[str] = []
+    for position, token in enumerate(tokens):
+        # the tokenizer splits the text's final period itself; a sentence end inside the text stays glued
+        inner_sentence_end = position < len(tokens) - 1 and token.endswith(".") and token.count(".") == 1
+        if inner_sentence_end and len(token) > 1:
+            split.extend((token[:-1], "."))
         else:
-            tokens.append(token)
-    return tokens
+            split.append(token)
+    return split

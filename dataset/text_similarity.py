@@ -7,7 +7,7 @@ the mean of two scores, both on lower-cased, Porter-stemmed word tokens:
 
 1. BLEU-4 of caption j against image i's captions (nltk ``sentence_bleu``, weights 0.25 x 4, no
    smoothing), or 1 when caption j's token list equals one of them;
-2. the mean, over image i's captions whose content list (stems minus ``STOP_WORDS``, ``','`` and ``'.'``)
+2. the mean, over image i's captions whose content list (stems minus ``ENGLISH_STOP_WORDS``, ``','`` and ``'.'``)
    is not empty, of |set(content_i) & set(content_j)| / len(content_i), duplicates counted in the length.
 
 The released code scores every pair in a Python loop (hours for RSITMD's train split). Here each text is
@@ -21,7 +21,7 @@ working memory besides the 0.24 GB result; RSICD's precomp train split (9,828 x 
 Differences from the released code, all outside ordinary captions:
 
 - ``word_tokenize`` first splits the text into sentences with punkt, which needs downloaded nltk data.
-  ``tokenize`` instead splits a trailing '.' off a word inside the text ('river. The' gives 'river', '.',
+  ``word_tokens`` instead splits a trailing '.' off a word inside the text ('river. The' gives 'river', '.',
   'The'), which is what punkt does for ordinary captions. Punkt would keep the period on words it knows
   as abbreviations ('st.', 'dr.'), and on initials and numbers it judges to continue the sentence; here
   they lose it too.
@@ -44,54 +44,20 @@ import nltk
 import numpy as np
 import scipy.sparse as sp
 from nltk.stem import PorterStemmer
-from nltk.tokenize import NLTKWordTokenizer
+
+from .captions import ENGLISH_STOP_WORDS, word_tokens
 
 log = logging.getLogger(__name__)
 
-# nltk's English stop-word list (``nltk.corpus.stopwords.words('english')``, nltk_data as of 2020-2021, the
-# 179 words the released code used), written out because reading it needs downloaded nltk data.
-STOP_WORDS: tuple[str, ...] = (
-    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "you're", "you've", "you'll",
-    "you'd", "your", "yours", "yourself", "yourselves", "he", "him", "his", "himself", "she", "she's",
-    "her", "hers", "herself", "it", "it's", "its", "itself", "they", "them", "their", "theirs",
-    "themselves", "what", "which", "who", "whom", "this", "that", "that'll", "these", "those", "am", "is",
-    "are", "was", "were", "be", "been", "being", "have", "has", "had", "having", "do", "does", "did",
-    "doing", "a", "an", "the", "and", "but", "if", "or", "because", "as", "until", "while", "of", "at",
-    "by", "for", "with", "about", "against", "between", "into", "through", "during", "before", "after",
-    "above", "below", "to", "from", "up", "down", "in", "out", "on", "off", "over", "under", "again",
-    "further", "then", "once", "here", "there", "when", "where", "why", "how", "all", "any", "both",
-    "each", "few", "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same",
-    "so", "than", "too", "very", "s", "t", "can", "will", "just", "don", "don't", "should", "should've",
-    "now", "d", "ll", "m", "o", "re", "ve", "y", "ain", "aren", "aren't", "couldn", "couldn't", "didn",
-    "didn't", "doesn", "doesn't", "hadn", "hadn't", "hasn", "hasn't", "haven", "haven't", "isn", "isn't",
-    "ma", "mightn", "mightn't", "mustn", "mustn't", "needn", "needn't", "shan", "shan't", "shouldn",
-    "shouldn't", "wasn", "wasn't", "weren", "weren't", "won", "won't", "wouldn", "wouldn't",
-)
 # Tokens that never count as content words in score 2. As released, they are compared with the stems,
 # so stop words that stemming changes ('was' -> 'wa', 'this' -> 'thi') stay content words.
-_NON_CONTENT = frozenset(STOP_WORDS) | {",", "."}
+_NON_CONTENT = ENGLISH_STOP_WORDS | {",", "."}
 
 MAX_ORDER = 4  # BLEU-4
 FORMAT_VERSION = 1  # part of the cache fingerprint: bump it when the computed values change
 DEFAULT_CHUNK = 128  # images per block: about 0.4 GB of working memory for RSICD's 49,140 train captions
 
-_WORD_TOKENIZER = NLTKWordTokenizer()  # the per-sentence tokenizer inside nltk's word_tokenize
 _STEMMER = PorterStemmer()
-
-
-def tokenize(text: str) -> list[str]:
-    """nltk's ``word_tokenize`` for captions, without the punkt data it needs (see the module docstring)."""
-    tokens = _WORD_TOKENIZER.tokenize(text)
-    split: list[str] = []
-    for position, token in enumerate(tokens):
-        # The tokenizer already splits the text's final period; a sentence end inside the text stays
-        # glued to its word. Words with another period ('U.S.', '3.5') are not sentence ends.
-        inner_sentence_end = position < len(tokens) - 1 and token.endswith(".") and token.count(".") == 1
-        if inner_sentence_end and len(token) > 1:
-            split.extend((token[:-1], "."))
-        else:
-            split.append(token)
-    return split
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +66,8 @@ def _stem(token: str) -> str:
 
 
 def stemmed_tokens(text: str) -> tuple[str, ...]:
-    """The tokens both scores compare: ``tokenize``, then lower-case and Porter-stem each token."""
-    return tuple(_stem(token) for token in tokenize(text))
+    """The tokens both scores compare: ``word_tokens``, then lower-case and Porter-stem each token."""
+    return tuple(_stem(token) for token in word_tokens(text))
 
 
 def _ngram_counts(token_lists: Sequence[tuple[str, ...]],

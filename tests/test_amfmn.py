@@ -45,7 +45,7 @@ def amfmn_config(tmp_path: Path, *overrides: str) -> dict:
 
 def test_word_tokens_split_sentence_periods_and_keep_abbreviations() -> None:
     assert word_tokens("Some buildings. A plane's wing, near 2 cars .") == [
-        "some", "buildings", ".", "a", "plane", "'s", "wing", ",", "near", "2", "cars", "."]
+        "Some", "buildings", ".", "A", "plane", "'s", "wing", ",", "near", "2", "cars", "."]
     assert word_tokens("the u.s. flag") == ["the", "u.s.", "flag"]
     assert len(ENGLISH_STOP_WORDS) == 179 and {"the", "is", "there", "wouldn't"} <= ENGLISH_STOP_WORDS
 

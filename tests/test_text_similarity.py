@@ -15,7 +15,8 @@ from nltk.stem import PorterStemmer
 from nltk.translate.bleu_score import sentence_bleu
 
 import dataset.text_similarity as text_similarity
-from dataset.text_similarity import STOP_WORDS, cached_prior_text_similarity, prior_text_similarity, tokenize
+from dataset.captions import ENGLISH_STOP_WORDS, word_tokens
+from dataset.text_similarity import cached_prior_text_similarity, prior_text_similarity
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 RSITMD_TRAIN = SHARED_DATASETS / "RSITMD" / "finetune_json" / "rsitmd_train.json"
@@ -48,12 +49,12 @@ HAND_CAPTIONS = [text for captions in HAND_IMAGES for text in captions] + HAND_E
 # --- Reference: the released per-pair loop (Rct/generate_t2i_sim_matrix.py), with the module's tokenizer and
 # stop-word list in place of word_tokenize and nltk.corpus.stopwords, which need downloaded nltk data.
 _STEMMER = PorterStemmer()
-_RELEASED_STOP_WORDS = list(STOP_WORDS) + [",", "."]
+_RELEASED_STOP_WORDS = list(ENGLISH_STOP_WORDS) + [",", "."]
 
 
 @functools.lru_cache(maxsize=None)  # the released code redoes this per pair; caching it changes no value
 def _released_preprocess(text: str) -> tuple[list[str], list[str]]:
-    words = [_STEMMER.stem(word.lower()) for word in tokenize(text)]
+    words = [_STEMMER.stem(word.lower()) for word in word_tokens(text)]
     return words, [word for word in words if word not in _RELEASED_STOP_WORDS]
 
 
@@ -96,14 +97,14 @@ def rsitmd_sample() -> tuple[list[list[str]], list[str]]:
 
 
 def test_tokenize_splits_sentence_ends_inside_the_text_only() -> None:
-    assert tokenize("Some buildings. There are trees.") == ["Some", "buildings", ".", "There", "are", "trees", "."]
-    assert tokenize("a road in the U.S. is 3.5 m wide") == ["a", "road", "in", "the", "U.S.", "is", "3.5", "m", "wide"]
-    assert tokenize("trees, grass and houses .\n") == ["trees", ",", "grass", "and", "houses", "."]
+    assert word_tokens("Some buildings. There are trees.") == ["Some", "buildings", ".", "There", "are", "trees", "."]
+    assert word_tokens("a road in the U.S. is 3.5 m wide") == ["a", "road", "in", "the", "U.S.", "is", "3.5", "m", "wide"]
+    assert word_tokens("trees, grass and houses .\n") == ["trees", ",", "grass", "and", "houses", "."]
 
 
 def test_stop_words_are_nltks_english_list() -> None:
-    assert len(STOP_WORDS) == len(set(STOP_WORDS)) == 179
-    assert {"i", "the", "there", "is", "wouldn't", "should've"} <= set(STOP_WORDS)
+    assert len(ENGLISH_STOP_WORDS) == len(set(ENGLISH_STOP_WORDS)) == 179
+    assert {"i", "the", "there", "is", "wouldn't", "should've"} <= set(ENGLISH_STOP_WORDS)
 
 
 # --- Equality with the released formula

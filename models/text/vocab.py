@@ -28,8 +28,8 @@ class VocabularyError(ValueError):
 
 
 def caption_words(text: str) -> list[str]:
-    """A caption's word tokens, punctuation dropped (AMFMN's data loader)."""
-    return [token for token in word_tokens(text) if token not in PUNCTUATION]
+    """A caption's lower-cased word tokens, punctuation dropped (AMFMN's data loader)."""
+    return [token for token in word_tokens(text.lower()) if token not in PUNCTUATION]
 
 
 class WordVocabProcessor:
