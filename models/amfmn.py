@@ -3,7 +3,7 @@ Retrieval", TGRS 2021; baselines.md §3) and GaLR's global branch (baselines.md 
 code lineage (AMFMN -> GaLR -> SIRS).
 
 Image: a fine-tuned ResNet-18 at 256 px; v = MVSA(stages) * Linear(mean of layer 4). Text: the paper's bi-GRU
-over a word vocabulary. Score (``amfmn``): cosine(v, t_v) with t_v the visual-guided text vector of the pair
+over a word vocabulary, or the released code's pretrained skip-thoughts uni-skip GRU (``text_arch``). Score (``amfmn``): cosine(v, t_v) with t_v the visual-guided text vector of the pair
 (``att_type``), so every (image, caption) pair runs the attention head; evaluation fills the matrix in
 blocks (``similarity_chunks``). ``galr_global``: the same towers scored by the plain cosine.
 
@@ -27,6 +27,7 @@ from ._registry import register_model
 from .base import RetrievalModel
 from .encoders.gru import BiGRUTextEncoder
 from .encoders.resnet import ResNetEncoder
+from .encoders.skipthoughts import UniSkipEncoder
 from .fusion import GUIDED_ATTENTIONS, MVSA, VisualGuidedText
 from .loading import random_init
 from .text import TextProcessor, WordVocabProcessor
@@ -45,7 +46,16 @@ register_keys("AMFMN lineage: ResNet + MVSA, word-vocabulary GRU (amfmn, galr_gl
                       "captions", is_path=True),
     "vocab_min_count": Key((int,), 5, "words seen fewer times in the training captions are <unk> (vocabulary "
                            "built when vocab_file is not set; stop words are always <unk>, as in AMFMN)"),
+    "text_arch": Key((str,), "bigru", "text encoder: bigru (the paper's, trained from scratch) or skipthoughts (the "
+                     "released code's pretrained uni-skip GRU + Linear 2400 -> embed_dim + ReLU)",
+                     choices=("bigru", "skipthoughts")),
     "word_dim": Key((int,), 300, "bi-GRU word embedding width (AMFMN paper: 300)"),
+    "skipthoughts_dir": Key((str,), None, "folder with Kiros et al.'s uni_skip.npz, utable.npy and dictionary.txt "
+                            "(text_arch: skipthoughts)", is_path=True),
+    "skipthoughts_dropout": Key((float,), 0.25, "Bayesian dropout of the uni-skip GRU in training (AMFMN: 0.25)"),
+    "skipthoughts_fixed_emb": Key((bool,), False, "freeze the uni-skip word vectors (AMFMN: false)"),
+    "skipthoughts_widths": Key((list,), [620, 2400], "word-vector and state widths of the skip-thoughts files "
+                               "(the original uni-skip files: 620 and 2400)"),
     "resize_res": Key((int,), 278, "train images are resized to this square before the random crop to image_res"),
     "rotation_degrees": Key((list,), [0, 90], "range of the random train rotation (AMFMN's intended (0, 90))"),
 }, models=AMFMN_LINEAGE)
@@ -75,7 +85,7 @@ class AMFMN(RetrievalModel):
     """``encode_image``: MVSA-gated global vector [B, d]; ``encode_text``: bi-GRU vector [B, d]; ``similarity``:
     the guided cosine of every pair (``guided``), else the cosine of the L2-normalised embeddings."""
 
-    encoder_names = ("image_encoder",)
+    encoder_names = ("image_encoder", "text_encoder")
     similarity_chunks = (64, 1024)  # images x captions per block: 64 x 1024 x d floats at a time
 
     def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
@@ -92,7 +102,15 @@ class AMFMN(RetrievalModel):
         self.global_proj = nn.Linear(self.image_encoder.width, dim)
         self.mvsa = MVSA(self.image_encoder.stage_channels, res, dim, config["multiscale_input_channel"],
                          config["multiscale_output_channel"])
-        self.text_encoder = BiGRUTextEncoder(self.text_processor.vocab_size, config["word_dim"], dim)
+        self.skipthoughts = config["text_arch"] == "skipthoughts"
+        if self.skipthoughts:
+            word_width, state_width = config["skipthoughts_widths"]
+            self.text_encoder = UniSkipEncoder(self.text_processor.words, config["skipthoughts_dropout"],
+                                               config["skipthoughts_fixed_emb"], embed_dim=word_width,
+                                               hidden_dim=state_width)
+            self.text_proj = nn.Linear(state_width, dim)
+        else:
+            self.text_encoder = BiGRUTextEncoder(self.text_processor.vocab_size, config["word_dim"], dim)
         self.guided_text = VisualGuidedText(config["att_type"], dim) if guided else None
         self.scores_are_dot_products = not guided
 
@@ -103,6 +121,8 @@ class AMFMN(RetrievalModel):
 
     def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         text_emb = self.text_encoder(text["input_ids"], text["lengths"])
+        if self.skipthoughts:
+            text_emb = F.relu(self.text_proj(text_emb))
         return text_emb if self.guided_text else F.normalize(text_emb, dim=-1)
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -113,38 +133,47 @@ class AMFMN(RetrievalModel):
     # --- weights
 
     def encoders(self) -> dict[str, nn.Module]:
-        return {"image_encoder": self.image_encoder}
+        """The pretrained parts: the ResNet, and the skip-thoughts GRU (the bi-GRU has no pretrained weights)."""
+        return {"image_encoder": self.image_encoder, **({"text_encoder": self.text_encoder} if self.skipthoughts else {})}
 
     def pretrained_sources(self, config: dict[str, Any]) -> dict[str, str | None]:
-        return {"image_encoder": config["image_ckpt"] or None}
+        sources = {"image_encoder": config["image_ckpt"] or None}
+        return {**sources, "text_encoder": config["skipthoughts_dir"] or None} if self.skipthoughts else sources
 
     def load_pretrained(self, config: dict[str, Any], parts: Iterable[str] | None = None) -> None:
-        if "image_encoder" not in (list(self.encoders()) if parts is None else list(parts)):
-            return
-        path = config["image_ckpt"]
-        if not path:
-            random_init("image_encoder", config, "image_ckpt is not set")
-            return
-        self.image_encoder.load_pretrained(path, patterns_under(config["allow_missing_weights"], "image_encoder."),
-                                           key="image_ckpt", role="image encoder")
+        parts = list(self.encoders()) if parts is None else list(parts)
+        sources = self.pretrained_sources(config)
+        if "image_encoder" in parts:
+            if sources["image_encoder"]:
+                self.image_encoder.load_pretrained(sources["image_encoder"],
+                                                   patterns_under(config["allow_missing_weights"], "image_encoder."),
+                                                   key="image_ckpt", role="image encoder")
+            else:
+                random_init("image_encoder", config, "image_ckpt is not set")
+        if "text_encoder" in parts:
+            if sources["text_encoder"]:
+                self.text_encoder.load_original(sources["text_encoder"])
+            else:
+                random_init("text_encoder", config, "text_arch is skipthoughts but skipthoughts_dir is not set")
 
     def remap_checkpoint(self, state: StateDict) -> Remapped:
         """This project's names, or AMFMN's released ones: ``extract_feature.resnet`` (torchvision, its ``fc``
-        dropped), ``extract_feature.linear``, ``mvsa``, ``cross_attention_s``; the never-called ``vgmf_gate``
-        is dropped."""
+        dropped), ``extract_feature.linear``, ``mvsa``, ``text_feature.seq2vec`` (the skip-thoughts port's
+        names), ``text_feature.to_out``, ``cross_attention_s``; the never-called ``vgmf_gate`` is left out."""
         if not any(key.startswith("extract_feature.") for key in state):
             return Remapped(dict(state))
-        renames = {"extract_feature.linear.": "global_proj.", "mvsa.": "mvsa.", "cross_attention_s.": "guided_text.",
-                   "text_feature.seq2vec.": "text_encoder.", "text_feature.to_out.": "text_proj."}
-        backbone = self.image_encoder.remap_state(with_prefix(state, "extract_feature.resnet."))
-        out = {f"image_encoder.{key}": value for key, value in backbone.state.items()}
-        dropped = [f"extract_feature.resnet.{entry}" for entry in backbone.dropped]
-        for key, value in state.items():
-            old = next((prefix for prefix in renames if key.startswith(prefix)), None)
-            if old is not None:
-                out[renames[old] + key[len(old):]] = value
-            elif not key.startswith("extract_feature.resnet."):
-                dropped.append(f"{key} (not used by the released forward)")
+        renames = {"extract_feature.linear.": "global_proj.", "mvsa.": "mvsa.", "text_feature.to_out.": "text_proj.",
+                   "cross_attention_s.": "guided_text."}
+        out = {new + key: value for old, new in renames.items() for key, value in with_prefix(state, old).items()}
+        encoders = {"extract_feature.resnet.": ("image_encoder.", self.image_encoder.remap_state),
+                    "text_feature.seq2vec.": ("text_encoder.", self.text_encoder.remap_state if self.skipthoughts
+                                              else Remapped)}
+        dropped = [f"{key} (not used by the released forward)" for key in state
+                   if not key.startswith((*renames, *encoders))]
+        for old, (new, remap) in encoders.items():
+            part = remap(with_prefix(state, old))
+            out.update({new + key: value for key, value in part.state.items()})
+            dropped += [old + entry for entry in part.dropped]
         return Remapped(out, dropped=dropped)
 
 

@@ -3,14 +3,17 @@ attentions, pairwise scoring in evaluation, released checkpoint names, Adam and 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from conftest import SHARED_DATASETS, write_json
+from test_skipthoughts import theano_params, write_original
 from dataset.captions import ENGLISH_STOP_WORDS, word_tokens
 from models import build_model
 from models.amfmn import pairwise_cosine
@@ -25,6 +28,7 @@ from models.text import VocabularyError, WordVocabProcessor
 from optim import create_optimizer
 from scheduler import create_scheduler, parse_stages
 from utils.config import load_config
+from utils.weights import with_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 RSITMD_VOCAB = SHARED_DATASETS / "RSITMD" / "vocab" / "rsitmd_splits_vocab.json"
@@ -217,6 +221,7 @@ def released_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict in AMFMN's released layout, written from this model's: names of AMFMN.py."""
     renames = {"image_encoder.": "extract_feature.resnet.", "global_proj.": "extract_feature.linear.",
                "mvsa.": "mvsa.", "guided_text.": "cross_attention_s.", "text_encoder.": "text_feature.seq2vec."}
+    state = {k: v for k, v in state.items() if k.startswith(tuple(renames))}
     out = {}
     for key, value in state.items():
         prefix = next(p for p in renames if key.startswith(p))
@@ -292,3 +297,59 @@ def test_adam_and_the_step_schedule(tmp_path: Path) -> None:
     assert per_epoch[20] == per_epoch[39] == pytest.approx(2e-4 * 0.7)
     assert per_epoch[40] == pytest.approx(2e-4 * 0.49) and per_epoch[69] == pytest.approx(2e-4 * 0.343)
     assert lrs[60:63] == [per_epoch[20]] * 3
+
+
+# --- the released code's text branch: skip-thoughts
+
+
+def skipthoughts_files(folder: Path, words: list[str]) -> tuple[Path, np.ndarray]:
+    """Small uni-skip files (4-d word vectors, 3-d state) whose dictionary holds all ``words`` but the last two."""
+    rng = np.random.default_rng(0)
+    dictionary = ["UNK", *words[:-2]]
+    table = rng.standard_normal((len(dictionary), 4)).astype(np.float32)
+    return write_original(folder, theano_params(rng, 4, 3), table, dictionary), table
+
+
+def test_skipthoughts_text_branch_loads_the_original_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = amfmn_config(tmp_path, "text_arch=skipthoughts", "skipthoughts_widths=[4, 3]")
+    words = build_model(config, pretrained=False).text_processor.words[1:]
+    folder, table = skipthoughts_files(tmp_path / "st", words)
+    caplog.set_level(logging.INFO, logger="models.encoders.skipthoughts")
+    model = build_model({**config, "skipthoughts_dir": str(folder)})
+    assert torch.equal(model.text_encoder.embedding.weight[1:-2], torch.from_numpy(table[1:]))
+    assert torch.equal(model.text_encoder.embedding.weight[-1], torch.from_numpy(table[0]))  # <unk> -> UNK row
+    assert f"2 not found, given the 'UNK' vector: {words[-2]!r}, {words[-1]!r}" in caplog.text
+    model.eval()
+    text = model.encode_text(model.text_processor(["white plane beside the runway", "red roof"]))
+    assert text.shape == (2, 128) and (text >= 0).all()  # Linear(state -> 128) + ReLU
+    assert set(model.encoders()) == {"image_encoder", "text_encoder"}
+    with pytest.raises(Exception, match="text_encoder: text_arch is skipthoughts but skipthoughts_dir is not set"):
+        build_model(config)
+
+
+def port_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The skip-thoughts port's names for a uni-skip state: one layer per gate (r, z as 'i', n)."""
+    out = {"embedding.weight": state["embedding.weight"]}
+    for side in ("ih", "hh"):
+        for gate, weight in zip("rin", state[f"gru.weight_{side}_l0"].chunk(3)):
+            out[f"rnn.gru_cell.weight_{side[0]}{gate}.weight"] = weight
+    for gate, bias in zip("rin", state["gru.bias_ih_l0"].chunk(3)):
+        out[f"rnn.gru_cell.weight_i{gate}.bias"] = bias
+    return out
+
+
+def test_released_skipthoughts_checkpoint_loads_completely(tmp_path: Path) -> None:
+    config = amfmn_config(tmp_path, "text_arch=skipthoughts", "skipthoughts_widths=[4, 3]", "att_type=fusion_att")
+    torch.manual_seed(5)
+    trained = build_model(config, pretrained=False)
+    state = trained.state_dict()
+    released = released_names({k: v for k, v in state.items() if not k.startswith(("text_encoder.", "text_proj."))})
+    released.update({f"text_feature.seq2vec.{k}": v for k, v in port_names(with_prefix(state, "text_encoder.")).items()})
+    released.update({f"text_feature.to_out.{k}": v for k, v in with_prefix(state, "text_proj.").items()})
+    path = tmp_path / "amfmn_skipthoughts.pth.tar"
+    torch.save({"model": released}, path)
+    fresh = build_model(config, pretrained=False)
+    report = load_for_evaluation(fresh, str(path), config)
+    assert not report.missing
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils.weights import WeightsError
+from utils.weights import Remapped, StateDict, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,21 @@ class UniSkipEncoder(nn.Module):
         report = UniSkipLoadReport(folder, len(self.words) - 1, unknown)
         report.log()
         return report
+
+    def remap_state(self, state: StateDict) -> Remapped:
+        """The port's parameter names (a released AMFMN checkpoint's ``text_feature.seq2vec.*``) -> this module's:
+        its separate gate layers stacked in torch's order, the hidden-side bias zero."""
+        cell = "rnn.gru_cell."
+        if f"{cell}weight_ir.weight" not in state:
+            return Remapped(dict(state))
+        out = {key: value for key, value in state.items() if not key.startswith(cell)}
+        out["gru.weight_ih_l0"] = torch.cat([state[f"{cell}weight_i{gate}.weight"] for gate in "rin"])
+        out["gru.bias_ih_l0"] = torch.cat([state[f"{cell}weight_i{gate}.bias"] for gate in "rin"])
+        out["gru.weight_hh_l0"] = torch.cat([state[f"{cell}weight_h{gate}.weight"] for gate in "rin"])
+        out["gru.bias_hh_l0"] = torch.zeros_like(out["gru.bias_ih_l0"])
+        used = {f"{cell}weight_{side}{gate}.{kind}" for side in "ih" for gate in "rin" for kind in ("weight", "bias")}
+        return Remapped(out, dropped=[f"{key} (not a uni-skip parameter)" for key in state
+                                      if key.startswith(cell) and key not in used])
 
     def _dictionary_rows(self, dictionary: list[str], path: Path) -> tuple[list[int], list[str]]:
         """The table row of every word but padding, and the words that fall back to the ``UNK`` row."""
