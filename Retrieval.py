@@ -325,6 +325,7 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
     splits: dict[str, EvalSplit] = {s: create_eval_split(config, s, device, model.eval_transform, problems)
                                     for s in ("val", "test")}
     claim_run_folder(output_dir, config, info)
+    task.objective.prepare(train_loader.dataset.ann, output_dir)
     if saved is not None and info.is_main:  # drop log lines of an epoch that ran after the checkpoint
         complete = state.epoch == config["schedular"]["epochs"]
         write_log(output_dir, state.history, summary_lines(state, config) if complete else [])

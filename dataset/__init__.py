@@ -69,7 +69,9 @@ def create_train_loader(config: dict[str, Any], info: DistInfo, seed: int, devic
     log.info("train: %d captions of %d images, %d scene labels", len(ann.captions), len(set(ann.image_index)),
              len(set(ann.labels)))
     log.info("train: caption weights from %s", ann.weight_source)
-    log.info("train: augmentation '%s', word deletion rate %g", config["dataset_kind"], config["deletion_rate"])
+    steps = getattr(transform, "transforms", [transform])
+    log.info("train: image transform %s; word deletion rate %g", " -> ".join(type(t).__name__ for t in steps),
+             config["deletion_rate"])
     dataset = RetrievalTrainDataset(ann, transform, config["deletion_rate"],
                                     ImageDecoding.from_config(config["image_decode"]), fields)
     sampler = SeededShardSampler(len(dataset), seed, info.rank, info.world_size)

@@ -75,6 +75,7 @@ SAMPLE_FIELDS: dict[str, Callable[[TrainAnnotations, int], Any]] = {
     "image_idx": lambda ann, i: ann.image_index[i],
     "label": lambda ann, i: ann.labels[i],
     "caption_weight": lambda ann, i: ann.caption_weights[i],
+    "caption_idx": lambda ann, i: i,
 }
 
 

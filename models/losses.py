@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataset.annotations import TrainAnnotations
+from dataset.text_similarity import cached_prior_text_similarity
 from utils.config import ConfigError, Key, register_keys
+from utils.distributed import barrier, get_rank
 
 from ._registry import register_loss
 
@@ -209,6 +214,9 @@ class RetrievalLoss(nn.Module):
     def check_config(cls, config: dict[str, Any], source: str) -> None:
         """Fail early, before any data or model is built, when a key this loss needs is not set."""
 
+    def prepare(self, annotations: TrainAnnotations, run_dir: Path) -> None:
+        """Compute what the loss needs from the whole training set, once before training (most need nothing)."""
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -300,20 +308,42 @@ class SceneAdaptiveLoss(RetrievalLoss):
 
 
 register_keys("Loss: triplet (VSE++ hinge)", {
-    "triplet_margin": Key((float,), 0.2, "triplet loss margin (PIR: 0.2)"),
+    "triplet_margin": Key((float,), 0.2, "triplet loss margin (PIR, AMFMN's released code: 0.2)"),
     "triplet_max_violation": Key((bool,), False, "triplet loss: hardest negative of each anchor only (VSE++'s "
-                                 "max_violation) instead of the sum over all violations (as PIR publishes it)"),
+                                 "max_violation) instead of the sum over all violations (as PIR and AMFMN publish it)"),
+    "triplet_margin_mode": Key((str,), "fixed", "fixed: triplet_margin for every pair; adaptive: AMFMN's paper margin "
+                               "gamma (e^beta - e^(beta S)) / (e^beta - 1) from the prior text similarity S of the "
+                               "pair's caption and the image's captions (computed once, cached in the run folder)",
+                               choices=("fixed", "adaptive")),
+    "adaptive_margin_gamma": Key((float,), 0.6, "adaptive margin: its value at S = 0 (AMFMN's best: 0.6)"),
+    "adaptive_margin_beta": Key((float,), 5.0, "adaptive margin: how fast it falls as S grows (AMFMN's best: 5)"),
+    "triplet_normalise": Key((bool,), False, "divide the triplet sum by 2N^2 - 2N, the number of (anchor, negative) "
+                             "terms of a batch of N (SIRS)"),
 })
+
+PRIOR_SIMILARITY_FILE = "prior_text_similarity.npy"
+
+
+def adaptive_margin(similarity: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+    """AMFMN's margin (paper Eqs. 28-30): gamma at similarity 0, falling to 0 at similarity 1."""
+    return gamma * (math.exp(beta) - torch.exp(beta * similarity)) / (math.exp(beta) - 1)
 
 
 @register_loss
 class TripletLoss(RetrievalLoss):
-    """PIR's ``use_triplet_loss``: the VSE++ hinge on the cosine scores of the gathered batch, no temperature.
+    """PIR's ``use_triplet_loss`` and the AMFMN lineage's loss: the VSE++ hinge on the model's scores of the
+    gathered batch, no temperature; AMFMN's adaptive margin and SIRS's normalisation as options.
 
     The loss is a sum, not a mean, so each process's rows give a part of it, and DDP averages the processes'
     gradients. Each process therefore returns its part times the number of processes: the average of the
     processes' values is the full loss, and the averaged gradients are the full loss's gradients, as on one
     process holding the whole batch.
+
+    Adaptive margin: the margin of the pair (image i, caption j), in both directions, is alpha(S[i, j]) with
+    S[i, j] the prior similarity of caption j to image i's captions (baselines.md §3.4, the recommended pairing:
+    a negative caption is compared with the anchor image's captions, a negative image's captions with the
+    anchor caption). S covers every training (image, caption) pair; ``prepare`` computes it once per dataset
+    and keeps it memory-mapped from the run folder.
     """
 
     name = "triplet"
@@ -322,9 +352,42 @@ class TripletLoss(RetrievalLoss):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.margin, self.max_violation = config["triplet_margin"], config["triplet_max_violation"]
+        self.adaptive = config["triplet_margin_mode"] == "adaptive"
+        self.gamma, self.beta = config["adaptive_margin_gamma"], config["adaptive_margin_beta"]
+        self.normalise = config["triplet_normalise"]
+        self.sample_fields = ("caption_idx",) if self.adaptive else ()
+        self.prior: np.ndarray | None = None
+
+    def prepare(self, annotations: TrainAnnotations, run_dir: Path) -> None:
+        """The prior text similarity of every training (image, caption) pair: computed by the main process into
+        ``run_dir`` (or found there from an earlier start of the run), then read by every process."""
+        if not self.adaptive:
+            return
+        image_captions: list[list[str]] = [[] for _ in range(max(annotations.image_index) + 1)]
+        for caption, image in zip(annotations.captions, annotations.image_index):
+            image_captions[image].append(caption)
+        path = run_dir / PRIOR_SIMILARITY_FILE
+        if get_rank() == 0:
+            self.prior = cached_prior_text_similarity(path, image_captions, annotations.captions)
+        barrier()
+        if get_rank() != 0:
+            self.prior = cached_prior_text_similarity(path, image_captions, annotations.captions)
+
+    def pair_margins(self, inputs: LossInputs, like: torch.Tensor) -> torch.Tensor | float:
+        if not self.adaptive:
+            return self.margin
+        if self.prior is None:
+            raise RuntimeError("the adaptive triplet margin needs the prior text similarity: call prepare() first")
+        images = inputs.fields["image_idx"].cpu().numpy()
+        captions = inputs.fields["caption_idx"].cpu().numpy()
+        prior = torch.from_numpy(np.asarray(self.prior[images[:, None], captions[None, :]]))
+        return adaptive_margin(prior.to(like), self.gamma, self.beta)
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         scores = inputs.similarity(inputs.image_feat, inputs.text_feat)
-        loss = triplet_loss(scores, inputs.fields["image_idx"], self.margin, self.max_violation, inputs.rows)
+        margin = self.pair_margins(inputs, scores)
+        loss = triplet_loss(scores, inputs.fields["image_idx"], margin, self.max_violation, inputs.rows)
+        if self.normalise:
+            loss = loss / (2 * scores.shape[0] ** 2 - 2 * scores.shape[0])
         processes = 1 if inputs.rows is None else inputs.image_feat.shape[0] // inputs.local_batch
         return loss * processes

@@ -3,11 +3,13 @@ apply every registered loss the stages name, weighted by the active stage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from dataset.annotations import TrainAnnotations
 from utils.config import Key, register_keys
 from utils.distributed import gather_features, get_rank, get_world_size
 
@@ -80,6 +82,11 @@ class RetrievalObjective(nn.Module):
         """Whether some stage's losses read none of the model's outputs beyond the embeddings (the triplet loss
         alone): the model's temperature then gets no gradient, which DDP must be told."""
         return any(not any(self.losses[name].model_outputs for name in stage.losses) for stage in stages)
+
+    def prepare(self, annotations: TrainAnnotations, run_dir: Path) -> None:
+        """Let each loss compute its dataset-level state (AMFMN's prior text similarity) before training."""
+        for loss in self.losses.values():
+            loss.prepare(annotations, run_dir)
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage

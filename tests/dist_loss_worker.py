@@ -27,7 +27,9 @@ IMAGE_IDS = [0, 0, 1, 2, 2, 3, 3, 3]  # positives cross the rank boundary (ids 2
 LABELS = [0, 0, 1, 0, 0, 1, 1, 1]  # scenes, also across the boundary
 CAPTION_WEIGHTS = [1.0, 0.95, 1.0, 1.0, 0.95, 1.0, 0.95, 1.0]
 LOSS_CONFIG = {"soft_target_eps": 6e-5, "temp2": 0.05, "affil_symmetric": False, "scene_mode": "published",
-               "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02, "triplet_margin": 0.2, "triplet_max_violation": False}
+               "alpha_m": 2.0, "beta1": -0.0015, "beta2": 0.02, "triplet_margin": 0.2, "triplet_max_violation": False,
+               "triplet_margin_mode": "fixed", "adaptive_margin_gamma": 0.6, "adaptive_margin_beta": 5.0,
+               "triplet_normalise": False}
 # (loss names, stage, local_loss, gather_with_grad, config changes); the 1-process run builds affiliation
 # centres per 4 rows, which is what each of 2 processes does with its own batch of 4 (affil_center_chunk 0).
 ALL_LOSSES = ("contr", "affil", "scene")

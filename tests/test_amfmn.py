@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,9 @@ from PIL import Image
 
 from conftest import SHARED_DATASETS, write_json
 from test_skipthoughts import theano_params, write_original
+from dataset.annotations import TrainAnnotations
 from dataset.captions import ENGLISH_STOP_WORDS, word_tokens
+from dataset.text_similarity import prior_text_similarity
 from models import build_model
 from models.amfmn import pairwise_cosine
 from models.encoders.gru import BiGRUTextEncoder
@@ -22,12 +27,14 @@ from models.encoders.resnet import ResNetEncoder
 from models.fusion import MVSA, VisualGuidedText
 from models.inference import similarity_matrix
 from models.loading import load_for_evaluation
+from models.losses import PRIOR_SIMILARITY_FILE, LossInputs, TripletLoss, adaptive_margin, triplet_loss
 from models.objective import build_objective
 from models.task import RetrievalTask
 from models.text import VocabularyError, WordVocabProcessor
 from optim import create_optimizer
 from scheduler import create_scheduler, parse_stages
 from utils.config import load_config
+from utils.metrics import chance_metrics
 from utils.weights import with_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,3 +360,86 @@ def test_released_skipthoughts_checkpoint_loads_completely(tmp_path: Path) -> No
     assert not report.missing
     for key, value in state.items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+# --- the adaptive margin (AMFMN paper §III-E)
+
+
+def test_adaptive_margin_at_hand_worked_points() -> None:
+    """gamma 0.6, beta 5: 0.6 at S = 0; 0 at S = 1; at S = 0.5, 0.6 (e^5 - e^2.5) / (e^5 - 1)
+    = 0.6 x (148.41316 - 12.18249) / 147.41316 = 0.554485; at S = 0.9, 0.6 x (148.41316 - 90.01713) / 147.41316
+    = 0.237683: a caption much like the image's own gets a small margin."""
+    margins = adaptive_margin(torch.tensor([0.0, 0.5, 1.0, 0.9], dtype=torch.float64), 0.6, 5.0)
+    assert margins.tolist() == pytest.approx([0.6, 0.554485, 0.0, 0.237683], abs=1e-6)
+
+
+def adaptive_triplet(tmp_path: Path, *overrides: str) -> tuple[TripletLoss, TrainAnnotations]:
+    config = amfmn_config(tmp_path, "triplet_margin_mode=adaptive", *overrides)
+    captions = ["a white plane parked beside the runway", "two white planes on the runway",
+                "a red roof beside a green lawn", "many red roofs", "cars park beside the road",
+                "a road with many cars", "a plane beside a road"]
+    annotations = TrainAnnotations(captions=captions, image_index=[0, 0, 1, 1, 2, 2, 3])
+    loss = TripletLoss(config)
+    loss.prepare(annotations, tmp_path)
+    return loss, annotations
+
+
+def test_adaptive_triplet_uses_each_pairs_prior_similarity(tmp_path: Path) -> None:
+    loss, annotations = adaptive_triplet(tmp_path)
+    assert loss.sample_fields == ("caption_idx",)
+    prior = prior_text_similarity([annotations.captions[0:2], annotations.captions[2:4], annotations.captions[4:6],
+                                   annotations.captions[6:7]], annotations.captions)
+    cached = np.load(tmp_path / PRIOR_SIMILARITY_FILE)
+    assert np.array_equal(cached, prior)  # stored beside the run
+    torch.manual_seed(6)
+    v, t = F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1), F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    image_idx, caption_idx = torch.tensor([0, 1, 2, 0, 3]), torch.tensor([1, 3, 4, 0, 6])
+    inputs = LossInputs(v, t, {"image_idx": image_idx, "caption_idx": caption_idx}, {}, None, 5, 0)
+    margins = 0.6 * (math.exp(5) - np.exp(5 * prior[image_idx][:, caption_idx])) / (math.exp(5) - 1)
+    expected = triplet_loss(v @ t.T, image_idx, torch.from_numpy(margins))
+    assert torch.allclose(loss(inputs), expected)
+    assert not torch.allclose(loss(inputs), triplet_loss(v @ t.T, image_idx, 0.2))
+
+
+def test_triplet_normalised_by_the_number_of_terms(tmp_path: Path) -> None:
+    """SIRS: the sum divided by 2N^2 - 2N."""
+    config = amfmn_config(tmp_path, "triplet_normalise=true")
+    torch.manual_seed(7)
+    v, t = torch.randn(6, 8), torch.randn(6, 8)
+    ids = torch.arange(6)
+    inputs = LossInputs(v, t, {"image_idx": ids}, {}, None, 6, 0)
+    assert torch.allclose(TripletLoss(config)(inputs), triplet_loss(v @ t.T, ids, 0.2) / (2 * 36 - 12))
+
+
+def test_adaptive_margin_needs_its_prior(tmp_path: Path) -> None:
+    loss = TripletLoss(amfmn_config(tmp_path, "triplet_margin_mode=adaptive"))
+    inputs = LossInputs(torch.eye(2), torch.eye(2), {"image_idx": torch.arange(2), "caption_idx": torch.arange(2)},
+                        {}, None, 2, 0)
+    with pytest.raises(RuntimeError, match="call prepare"):
+        loss(inputs)
+
+
+# --- end to end
+
+
+def test_amfmn_demo_with_the_adaptive_margin_trains_far_above_chance(tmp_path: Path) -> None:
+    """configs/demo_amfmn.yaml, smaller (20 train images per class, 2 epochs) and with the paper's adaptive
+    margin, through run.py: the prior similarity is computed once into the run folder and a resumed run
+    reads it back."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    overrides = [f"synthetic_data.root={data}", "synthetic_data.train_per_class=20", f"train_file=[{data}/demo_train.json]",
+                 f"val_file={data}/demo_val.json", f"test_file={data}/demo_test.json", f"image_root={data}/images",
+                 "schedular.epochs=2", "triplet_margin_mode=adaptive"]
+    command = [sys.executable, str(ROOT / "run.py"), "--task", "demo_amfmn", "--output_dir", str(out), "--dist", "cpu"]
+    result = subprocess.run([*command, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    chance = chance_metrics([list(range(5 * i, 5 * i + 5)) for i in range(200)], 1000)["r_mean"]
+    assert summary["test_at_best"]["r_mean"] > 5 * chance
+    prior = np.load(out / PRIOR_SIMILARITY_FILE, mmap_mode="r")
+    assert prior.shape == (200, 1000)  # 10 classes x 20 images, 5 captions each
+    stamp = (out / PRIOR_SIMILARITY_FILE).stat().st_mtime_ns
+    resumed = subprocess.run([*command, "--resume", *overrides, "schedular.epochs=3"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (out / PRIOR_SIMILARITY_FILE).stat().st_mtime_ns == stamp

@@ -654,7 +654,8 @@ def test_triplet_module_reads_its_keys_and_scales_its_part_by_the_process_count(
     """``triplet_margin`` and ``triplet_max_violation``; with local rows (2 processes x 6) each process returns
     twice its part, so that the processes' mean is the full loss and DDP's averaged gradients are its gradients."""
     v, t, ids, _ = random_batch(seed=23, noise=0.9)
-    config = {"triplet_margin": 0.3, "triplet_max_violation": True}
+    config = {"triplet_margin": 0.3, "triplet_max_violation": True, "triplet_margin_mode": "fixed",
+              "adaptive_margin_gamma": 0.6, "adaptive_margin_beta": 5.0, "triplet_normalise": False}
     loss = TripletLoss(config)
     assert get_loss("triplet") is TripletLoss and TripletLoss.model_outputs == () and not list(loss.parameters())
     whole = LossInputs(v, t, {"image_idx": ids}, {}, None, local_batch=12, epoch=0)
