@@ -110,6 +110,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / get_world_size()
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over processes (counts each process made on its shard, e.g. a confusion matrix);
+    a new tensor, so the caller's own counts stay as they were."""
+    if not is_initialized():
+        return tensor.clone()
+    tensor = tensor.detach().clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def all_true(flag: torch.Tensor) -> bool:
     """Whether a boolean scalar is true on every process (a MIN reduction)."""
     if not is_initialized():
