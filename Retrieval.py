@@ -40,6 +40,7 @@ from utils.finite import NonFiniteError, describe_step, grad_norm, non_finite_te
 from utils.logger import Progress, TensorBoard, log_failure, max_memory_mb, setup_logging
 from utils.metrics import METRIC_KEYS, chance_metrics
 from utils.precision import autocast, grad_scaler
+from utils.protocol import PAPER_PROTOCOL, check_protocol, entry_name, label, mean_of_last_epochs, paper_epochs
 from utils.weights import WeightsError
 
 log = logging.getLogger("retrieval")
@@ -101,11 +102,12 @@ def metric_row(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """The R@K table printed at the end of a run or an evaluation."""
-    head = f"{'':<22}| {'i2t R@1':>7} {'R@5':>6} {'R@10':>6} | {'t2i R@1':>7} {'R@5':>6} {'R@10':>6} | {'mR':>6}"
+    """The R@K table printed at the end of a run or an evaluation; the name column widens for long names."""
+    width = max([22, *(len(name) + 1 for name in rows)])
+    head = f"{'':<{width}}| {'i2t R@1':>7} {'R@5':>6} {'R@10':>6} | {'t2i R@1':>7} {'R@5':>6} {'R@10':>6} | {'mR':>6}"
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
-        lines.append(f"{name:<22}| {m['txt_r1']:7.2f} {m['txt_r5']:6.2f} {m['txt_r10']:6.2f} | "
+        lines.append(f"{name:<{width}}| {m['txt_r1']:7.2f} {m['txt_r5']:6.2f} {m['txt_r10']:6.2f} | "
                      f"{m['img_r1']:7.2f} {m['img_r5']:6.2f} {m['img_r10']:6.2f} | {m['r_mean']:6.2f}")
     return "\n".join(lines)
 
@@ -193,7 +195,8 @@ def write_log(output_dir: Path, history: list[dict[str, Any]], footer: list[str]
 
 
 def summary_lines(state: TrainState, config: dict[str, Any]) -> list[str]:
-    """The closing JSON line: test at the selected epoch, at the last epoch, and best-on-test for comparison."""
+    """The closing JSON line: test at the selected epoch, at the last epoch, and best-on-test for comparison;
+    with the paper protocol, also the mean of test over its last epochs (``utils.protocol``)."""
     by_epoch = {r["epoch"]: r for r in state.history}
     selected = config["select_on"]
     test_epochs = [r for r in state.history if "test_r_mean" in r]
@@ -208,6 +211,10 @@ def summary_lines(state: TrainState, config: dict[str, Any]) -> list[str]:
         oracle = max(test_epochs, key=lambda r: r["test_r_mean"])
         summary["best_on_test_epoch_for_comparison_only"] = oracle["epoch"]
         summary["test_r_mean_best_on_test"] = oracle["test_r_mean"]
+    averaged = paper_epochs(config)
+    if averaged:
+        summary.update({"protocol": PAPER_PROTOCOL, "protocol_epochs": list(averaged),
+                        entry_name(len(averaged)): mean_of_last_epochs(state.history, averaged)})
     lines = [json.dumps(summary)]
     if config["legacy_log_footer"]:
         lines.append(f"best epoch: {state.best_epoch}")
@@ -341,6 +348,11 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
     epochs = config["schedular"]["epochs"]
     log.info("training %d epochs x %d steps, global batch %d, on %s x %d", epochs, len(train_loader),
              config["batch_size_train"] * info.world_size, device, info.world_size)
+    averaged = paper_epochs(config)
+    if averaged:
+        log.info("protocol %s (SIRS's paper protocol): epochs %d-%d are evaluated on test and their mean is "
+                 "reported beside the selected checkpoint's scores; checkpoint_best.pth is still chosen on %s",
+                 PAPER_PROTOCOL, averaged[0], averaged[-1], config["select_on"])
     previous_stage = None
     for epoch in range(state.epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -355,7 +367,7 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
         record.update(stage=stages.index, stage_name=stage.name)
         evaluated = {"val": evaluate_split(model, splits["val"], config, device)}
         stages.observe(epoch, evaluated["val"]["r_mean"])
-        if config["eval_test_every_epoch"] or config["select_on"] == "test":
+        if config["eval_test_every_epoch"] or config["select_on"] == "test" or epoch in averaged:
             evaluated["test"] = evaluate_split(model, splits["test"], config, device)
         metric = evaluated[config["select_on"]]["r_mean"]
         improved = metric > state.best_metric
@@ -391,6 +403,8 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
         table = {f"val   @ best epoch {state.best_epoch}": {k: best[f"val_{k}"] for k in METRIC_KEYS}}
         if "test_r_mean" in best:
             table[f"test  @ best epoch {state.best_epoch}"] = {k: best[f"test_{k}"] for k in METRIC_KEYS}
+        if averaged:
+            table[label(entry_name(len(averaged)))] = mean_of_last_epochs(state.history, averaged)
         table["test  chance"] = chance_metrics(splits["test"].annotations.img2txt, len(splits["test"].annotations.texts))
         log.info("selected on %s r_mean; results:\n%s", config["select_on"], format_table(table))
     return state
@@ -415,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(args.config, [*args.opts, *args.overrides])
     parse_stages(config, args.config)  # a bad stage list fails before any data or model is built
     check_rerank(config, args.config)
+    check_protocol(config, args.config)
     if args.resume and args.evaluate:
         raise ValueError("--resume continues training; use --evaluate --checkpoint PATH to evaluate")
     info = dist_utils.world_info_from_env()

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import add_run_arguments, parse_run_arguments
+from utils.protocol import entry_names, label
 from utils.repeats import RepeatRun, plan_repeats, summarise
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -173,10 +174,10 @@ def write_summary(output_dir: Path, runs: list[RepeatRun]) -> None:
     summary = summarise(runs)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     rows = {f"{result['run']} test (seed {result['seed']})": result["test"] for result in summary["runs"]}
-    for split in ("test", "val"):
-        rows[f"{split} mean"] = summary["mean"][split]
-        if summary["std"] is not None:
-            rows[f"{split} std"] = summary["std"][split]
+    paper = entry_names(summary["mean"])
+    for entry in summary["mean"]:
+        for stat in ("mean", "std") if summary["std"] is not None else ("mean",):
+            rows[f"{label(entry)} ({stat} over runs)" if entry in paper else f"{entry} {stat}"] = summary[stat][entry]
     log.info("run.py: %d runs, each at its checkpoint selected on %s; %s:\n%s", len(runs),
              summary["runs"][0]["selected_on"], output_dir / "summary.json", format_table(rows))
 

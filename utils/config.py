@@ -159,6 +159,13 @@ _STAGES: Section = {
 _EVALUATION: Section = {
     "select_on": Key((str,), "val", "split whose r_mean picks checkpoint_best.pth", choices=("val", "test")),
     "eval_test_every_epoch": Key((bool,), True, "also evaluate test each epoch (logged, never used to select)"),
+    "protocol": Key((str,), "select_on_val", "what the run reports: select_on_val = test at the checkpoint chosen "
+                    "by select_on; mean_of_last_epochs_on_test = also SIRS's paper protocol, the mean of test over "
+                    "the last protocol_last_epochs epochs (evaluated on test whatever eval_test_every_epoch says), "
+                    "labelled as not a model selection; checkpoints are still chosen by select_on",
+                    choices=("select_on_val", "mean_of_last_epochs_on_test")),
+    "protocol_last_epochs": Key((int,), 10, "mean_of_last_epochs_on_test: how many final epochs are averaged "
+                                "(SIRS: last_num_epochs_val, 10 of 35); 1..schedular.epochs"),
     "print_freq": Key((int,), 50, "console progress line every N iterations"),
     "legacy_log_footer": Key((bool,), False, "also append X-VLM's `best epoch: N` line to log.txt"),
 }

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.protocol import entry_names
+
 SPLITS = ("test", "val")
 
 
@@ -50,24 +52,25 @@ def plan_repeats(output_dir: Path, seed: int, repeats: int, resume: bool) -> lis
 
 def run_results(folder: Path) -> dict[str, Any]:
     """The test and val recalls (and ``r_mean``) of a finished run's selected checkpoint, as its log.txt
-    recorded them."""
+    recorded them, and the paper protocol's mean of its last epochs on test when the run computed it."""
     closing = closing_record(folder)
     if closing is None or "test_at_best" not in closing:
         raise ValueError(f"{folder / 'log.txt'} has no closing line with test_at_best: the run did not finish")
     test = closing["test_at_best"]
     best = next(record for record in _records(folder) if record.get("epoch") == closing["best_epoch"])
     return {"best_epoch": closing["best_epoch"], "selected_on": closing["selected_on"], "test": test,
-            "val": {key: best[f"val_{key}"] for key in test}}
+            "val": {key: best[f"val_{key}"] for key in test}, **{name: closing[name] for name in entry_names(closing)}}
 
 
 def summarise(runs: list[RepeatRun]) -> dict[str, Any]:
-    """Every run's results, and their mean and sample standard deviation (n - 1; None for one run)."""
+    """Every run's results, and their mean and sample standard deviation (n - 1; None for one run): of the
+    selected checkpoints' test and val scores, and of the paper protocol's entry when every run has it."""
     results = [{"run": run.folder.name, "seed": run.seed, **run_results(run.folder)} for run in runs]
-    keys = list(results[0]["test"])
+    entries = [*SPLITS, *(name for name in entry_names(results[0]) if all(name in result for result in results))]
 
-    def over_runs(split: str, reduce: Callable[[list[float]], float]) -> dict[str, float]:
-        return {key: reduce([result[split][key] for result in results]) for key in keys}
+    def over_runs(entry: str, reduce: Callable[[list[float]], float]) -> dict[str, float]:
+        return {key: reduce([result[entry][key] for result in results]) for key in results[0][entry]}
 
     return {"repeats": len(runs), "runs": results,
-            "mean": {split: over_runs(split, statistics.fmean) for split in SPLITS},
-            "std": {split: over_runs(split, statistics.stdev) for split in SPLITS} if len(runs) > 1 else None}
+            "mean": {entry: over_runs(entry, statistics.fmean) for entry in entries},
+            "std": {entry: over_runs(entry, statistics.stdev) for entry in entries} if len(runs) > 1 else None}
