@@ -1,4 +1,4 @@
-"""Data: annotation reading and checks, image and text pipelines, loaders for training and evaluation."""
+"""Data: annotation reading and checks, image, mask and text pipelines, loaders for training and evaluation."""
 from __future__ import annotations
 
 import logging
@@ -13,18 +13,21 @@ from utils.distributed import DistInfo, barrier, shard_range
 from .annotations import DataError, EvalAnnotations, load_eval_annotations, load_train_annotations
 from .image_check import check_split_images
 from .images import ImageDecoding
+from .masks import mask_class_weights
 from .re_dataset import EvalImageDataset, RetrievalTrainDataset, TrainCollator
 from .samplers import SeededShardSampler
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "EvalSplit", "check_split_images", "create_eval_split", "create_train_loader",
-           "prepare_synthetic_data"]
+           "mask_class_weights", "prepare_synthetic_data"]
 
 
 @dataclass
 class EvalSplit:
-    """A val/test split: all its annotations, and a loader over this process's shard of its images."""
+    """A val/test split: all its annotations, and a loader over this process's shard of its images. Its
+    batches are ``(images, indices)``, or ``(images, indices, masks)`` (LongTensor [B, H, W], 255 = ignore)
+    when ``mask_root`` is set; ``annotations.mask_paths`` names the mask files."""
 
     name: str
     annotations: EvalAnnotations
@@ -60,12 +63,18 @@ def create_train_loader(config: dict[str, Any], info: DistInfo, seed: int, devic
     """Loader of this process's share of each epoch; call ``loader.sampler.set_epoch(e)`` before epoch e.
 
     ``transform`` and ``text_processor`` are the model's; ``fields`` the per-sample fields the model and the
-    losses declared; ``decode_problems`` the results of :func:`check_split_images`.
+    losses declared (``mask`` batches as a LongTensor [B, H, W], 255 = ignore, aligned with ``images``);
+    ``decode_problems`` the results of :func:`check_split_images`.
     """
+    fields = tuple(fields)
     ann = load_train_annotations(config["train_file"], config["image_root"], config["max_words"],
-                                 config["skip_bad_samples"], config["caption_weight"], decode_problems)
+                                 config["skip_bad_samples"], config["caption_weight"], decode_problems,
+                                 config["mask_root"])
     if ann.skipped:
-        log.warning("train: skipped %d entries with missing or unreadable images", ann.skipped)
+        log.warning("train: skipped %d entries with missing or unreadable images or masks", ann.skipped)
+    if ann.mask_paths is not None:
+        log.info("train: segmentation masks from %s (%s)", config["mask_root"],
+                 "read with the images" if "mask" in fields else "no model or loss reads them")
     log.info("train: %d captions of %d images, %d scene labels", len(ann.captions), len(set(ann.image_index)),
              len(set(ann.labels)))
     log.info("train: caption weights from %s", ann.weight_source)
@@ -87,9 +96,10 @@ def create_eval_split(config: dict[str, Any], split: str, device: torch.device, 
     """Annotations of ``val`` or ``test`` and a loader over this process's contiguous shard of images,
     transformed by the model's ``transform``."""
     ann = load_eval_annotations(config[f"{split}_file"], config["image_root"], config["max_words"],
-                                config["skip_bad_samples"], decode_problems)
+                                config["skip_bad_samples"], decode_problems, config["mask_root"])
     if ann.skipped:
-        log.warning("%s: skipped %d images that are missing or unreadable (with their captions)", split, ann.skipped)
+        log.warning("%s: skipped %d images that are missing or unreadable, or whose masks are (with their "
+                    "captions)", split, ann.skipped)
     shard = EvalImageDataset(ann, transform, shard_range(len(ann.image_paths)),
                              ImageDecoding.from_config(config["image_decode"]))
     options = _loader_options(config, device, seed=0)

@@ -2,9 +2,10 @@
 
 Train files hold one entry per caption (``image``, ``caption``, ``image_id``, optional ``label`` and
 ``length``, the caption weight of FISVL's weighted contrastive loss);
-val/test files hold one entry per image with its list of captions. Every problem stops the load with
+val/test files hold one entry per image with its list of captions. Any entry may name its segmentation mask
+(``mask``, under ``mask_root``; default: the RSITMD-SS name). Every problem stops the load with
 a message naming the file and the entry, unless ``skip_bad_samples`` is set, in which case entries with
-missing or unreadable images are skipped, counted and logged (malformed entries always stop it).
+missing or unreadable images or masks are skipped, counted and logged (malformed entries always stop it).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from .captions import pre_caption
 from .images import candidate_paths, decode_problem, resolve_image_path
+from .masks import mask_candidates, mask_problem, resolve_mask_path
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class TrainAnnotations:
     """One row per caption; ``image_index`` is contiguous in order of first appearance of ``image_id``.
 
     ``weight_source`` says where ``caption_weights`` came from, for the log (the file or a rule, with its numbers).
+    ``mask_paths`` (one per row, like ``image_paths``) is ``None`` when no ``mask_root`` is configured.
     """
 
     image_paths: list[str] = field(default_factory=list)
@@ -44,17 +47,20 @@ class TrainAnnotations:
     label_names: dict[str, int] = field(default_factory=dict)
     caption_weights: list[float] = field(default_factory=list)
     weight_source: str = ""
+    mask_paths: list[str] | None = None
     skipped: int = 0
 
 
 @dataclass
 class EvalAnnotations:
-    """Images in file order; captions numbered consecutively, so ``img2txt[i]`` lists image i's caption ids."""
+    """Images in file order; captions numbered consecutively, so ``img2txt[i]`` lists image i's caption ids.
+    ``mask_paths`` (one per image) is ``None`` when no ``mask_root`` is configured."""
 
     image_paths: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     img2txt: list[list[int]] = field(default_factory=list)
     txt2img: list[int] = field(default_factory=list)
+    mask_paths: list[str] | None = None
     skipped: int = 0
 
 
@@ -167,6 +173,23 @@ def _image_problem(image_root: str, image: str, check_decode: bool,
     return path, decode_problem(path) if check_decode else None
 
 
+def _mask_field(entry: dict[str, Any], where: str) -> str | None:
+    """The entry's optional ``mask``: its mask file under ``mask_root``, instead of the RSITMD-SS name."""
+    return _field(entry, "mask", str, where) if "mask" in entry else None
+
+
+def _mask_problem(mask_root: str, image: str, mask: str | None, image_path: str, check: bool,
+                  decode_problems: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+    """(resolved mask path, problem description) for the mask of ``image`` (found at ``image_path``; named
+    ``mask`` when the entry does), as :func:`_image_problem` does for images."""
+    path = resolve_mask_path(mask_root, image, mask)
+    if path is None:
+        return None, f"mask not found (tried {' and '.join(mask_candidates(mask_root, image, mask))})"
+    if decode_problems is not None:
+        return path, decode_problems.get(path)
+    return path, mask_problem(path, image_path) if check else None
+
+
 def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:
     if not skip_bad:
         raise DataError(f"{where}: {problem} (set skip_bad_samples: true to skip such entries)")
@@ -175,16 +198,19 @@ def _skip_or_raise(problem: str, where: str, skip_bad: bool) -> None:
 
 def load_train_annotations(files: Iterable[str], image_root: str, max_words: int, skip_bad: bool = False,
                            caption_weight: dict[str, Any] | None = None,
-                           decode_problems: Mapping[str, str] | None = None) -> TrainAnnotations:
+                           decode_problems: Mapping[str, str] | None = None,
+                           mask_root: str | None = None) -> TrainAnnotations:
     """Read and check train JSON files (concatenated in order).
 
     Caption weights come from the entries' ``length`` field when they have one, else from
-    :func:`rule_weights` with ``caption_weight`` (``None``: :data:`DEFAULT_CAPTION_WEIGHT`).
+    :func:`rule_weights` with ``caption_weight`` (``None``: :data:`DEFAULT_CAPTION_WEIGHT`). With ``mask_root``
+    every image needs its mask (``decode_problems`` may hold the masks' problems too).
     """
     files = list(files)
-    out = TrainAnnotations()
+    out = TrainAnnotations(mask_paths=None if mask_root is None else [])
     index_of_image: dict[Any, int] = {}
     path_cache: dict[str, tuple[str | None, str | None]] = {}
+    mask_cache: dict[tuple[str, str | None], tuple[str | None, str | None]] = {}
     has_label: bool | None = None
     has_length: bool | None = None
     for file in files:
@@ -198,10 +224,17 @@ def load_train_annotations(files: Iterable[str], image_root: str, max_words: int
             if image not in path_cache:
                 path_cache[image] = _image_problem(image_root, image, skip_bad, decode_problems)
             path, problem = path_cache[image]
+            if problem is None and mask_root is not None:
+                key = (image, _mask_field(entry, where))
+                if key not in mask_cache:
+                    mask_cache[key] = _mask_problem(mask_root, *key, path, skip_bad, decode_problems)
+                mask_path, problem = mask_cache[key]
             if problem is not None:
                 _skip_or_raise(problem, where, skip_bad)
                 out.skipped += 1
                 continue
+            if out.mask_paths is not None:
+                out.mask_paths.append(mask_path)
             if has_label:
                 label = _field(entry, "label", int, where)
             else:
@@ -224,9 +257,11 @@ def load_train_annotations(files: Iterable[str], image_root: str, max_words: int
 
 
 def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: bool = False,
-                          decode_problems: Mapping[str, str] | None = None) -> EvalAnnotations:
-    """Read and check a val/test JSON (one entry per image with a list of captions)."""
-    out = EvalAnnotations()
+                          decode_problems: Mapping[str, str] | None = None,
+                          mask_root: str | None = None) -> EvalAnnotations:
+    """Read and check a val/test JSON (one entry per image with a list of captions); with ``mask_root``
+    every image needs its mask."""
+    out = EvalAnnotations(mask_paths=None if mask_root is None else [])
     for i, entry in enumerate(read_json_list(file)):
         where = f"{file}, entry {i}"
         image = _field(entry, "image", str, where)
@@ -236,10 +271,15 @@ def load_eval_annotations(file: str, image_root: str, max_words: int, skip_bad: 
             raise DataError(f"{where}: 'caption' must be a non-empty list of strings")
         cleaned = [_clean(c, max_words, f"{where}, caption {j}") for j, c in enumerate(captions)]
         path, problem = _image_problem(image_root, image, skip_bad, decode_problems)
+        if problem is None and mask_root is not None:
+            mask_path, problem = _mask_problem(mask_root, image, _mask_field(entry, where), path, skip_bad,
+                                               decode_problems)
         if problem is not None:
             _skip_or_raise(problem, where, skip_bad)
             out.skipped += 1
             continue
+        if out.mask_paths is not None:
+            out.mask_paths.append(mask_path)
         image_number = len(out.image_paths)
         out.image_paths.append(path)
         out.img2txt.append(list(range(len(out.texts), len(out.texts) + len(cleaned))))

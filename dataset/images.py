@@ -108,6 +108,22 @@ def load_rgb(path: str | Path, decoding: ImageDecoding | None = None) -> Image.I
     return _raster_rgb(path, decoding, f"Pillow reads it as mode {mode}")
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its samples (rasterio for what Pillow cannot
+    identify)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except UnidentifiedImageError:
+        import rasterio  # as in _read_raster: only for the files that need it
+        from rasterio.errors import NotGeoreferencedWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain images carry no georeference
+            with rasterio.open(path) as source:
+                return source.width, source.height
+
+
 def decode_problem(path: str | Path, decoding: ImageDecoding | None = None) -> str | None:
     """Why ``path`` does not decode (``"cannot decode image PATH: ..."``), or ``None`` when it does: the one
     message every image check gives."""

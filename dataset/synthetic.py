@@ -2,8 +2,9 @@
 
 Every image shows one of ten scene layouts plus per-image attributes (colour and number of the
 main objects, an optional road) that its captions state, so that a retrieval model has to read
-the captions, not only the scene class, to rank well. Only numpy and Pillow are used so that the
-module imports instantly and generation needs no model code.
+the captions, not only the scene class, to rank well. Each image also gets a segmentation mask in the
+RSITMD-SS format (``masks/mask_<name>.png``: 10 x class index), computed from the same pixel sets that paint
+it. Only numpy and Pillow are used so that the module imports instantly and generation needs no model code.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: masks/ beside images/ (the images are those of version 1)
 REF = 64.0  # all geometry is designed in a 64 x 64 reference frame and scaled to image_size
+
+# Mask classes the demo draws, by their RSITMD-SS index (dataset/masks.py: CLASS_NAMES; a test keeps the two
+# equal, since this module imports no project code); a mask stores MASK_VALUE_STEP x index.
+MASK_CLASSES: dict[str, int] = {"Background": 0, "Plane": 1, "Boat": 2, "Pond": 4, "River": 5, "Beach": 6,
+                                "Playground": 7}
+MASK_VALUE_STEP = 10
+# Objects of a foreground class; the others (houses, umbrellas, tents, buses) are background, like roads.
+OBJECT_CLASSES: dict[str, int] = {"plane": MASK_CLASSES["Plane"], "boat": MASK_CLASSES["Boat"]}
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-# Background = (rgb float array, mask of allowed object centres, long axis of objects or None).
-Background = tuple[np.ndarray, np.ndarray, int | None]
+# Background = (rgb float array, mask of allowed object centres, long axis of objects or None,
+#               uint8 map of mask classes).
+Background = tuple[np.ndarray, np.ndarray, int | None, np.ndarray]
 Painter = Callable[[np.random.Generator, np.ndarray, np.ndarray], Background]
 
 # ----------------------------------------------------------------------------- backgrounds
@@ -81,6 +91,15 @@ def _everywhere(y: np.ndarray) -> np.ndarray:
     return np.ones(y.shape, dtype=bool)
 
 
+def _class_map(region: np.ndarray, class_name: str) -> np.ndarray:
+    """The mask classes of a background: ``class_name`` on ``region``, background elsewhere."""
+    return np.where(region, np.uint8(MASK_CLASSES[class_name]), np.uint8(0))
+
+
+def _no_classes(y: np.ndarray) -> np.ndarray:
+    return np.zeros(y.shape, dtype=np.uint8)
+
+
 def _farmland(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
     """Parallel fields of alternating crop colours with fine furrows."""
     palette = np.array([(105, 150, 60), (150, 125, 75), (85, 125, 50), (175, 165, 95)],
@@ -89,7 +108,7 @@ def _farmland(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backgro
     u = x * np.cos(theta) + y * np.sin(theta) + rng.uniform(0.0, 30.0)
     rgb = palette[np.floor(u / rng.uniform(6.0, 10.0)).astype(int) % 3]
     rgb *= (1.0 + 0.07 * np.sin(2.0 * np.pi * u / 2.5))[..., None]
-    return rgb, _everywhere(y), None
+    return rgb, _everywhere(y), None, _no_classes(y)
 
 
 def _forest(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -98,7 +117,7 @@ def _forest(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backgroun
     blobs = _smooth_noise(rng, size, 6)[..., None]
     crowns = _smooth_noise(rng, size, 22)[..., None]
     rgb = _rgb((25, 60, 28)) + blobs * _rgb((20, 40, 15)) + crowns * _rgb((15, 35, 12))
-    return rgb, _everywhere(y), None
+    return rgb, _everywhere(y), None, _no_classes(y)
 
 
 def _lake(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -110,10 +129,10 @@ def _lake(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
     edge = rng.uniform(20.0, 25.0) * (1.0 + sum(
         rng.uniform(0.04, 0.1) * np.sin(k * angle + rng.uniform(0.0, 2.0 * np.pi))
         for k in (2, 3, 5)))
-    water = (radius < edge)[..., None]
-    rgb = np.where(water, _textured(rng, size, (40, 95, 165), 0.1),
+    water = radius < edge
+    rgb = np.where(water[..., None], _textured(rng, size, (40, 95, 165), 0.1),
                    _textured(rng, size, (95, 140, 70), 0.25))
-    return rgb, radius < edge - 7.0, None
+    return rgb, radius < edge - 7.0, None, _class_map(water, "Pond")
 
 
 def _beach(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -122,10 +141,12 @@ def _beach(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background
     across, along = [(x, y), (REF - x, y), (y, x), (REF - y, x)][rng.integers(4)]
     shore = rng.uniform(28.0, 38.0) + 3.0 * np.sin(
         2.0 * np.pi * along / rng.uniform(20.0, 40.0) + rng.uniform(0.0, 2.0 * np.pi))
-    rgb = np.where((across > shore)[..., None], _textured(rng, size, (50, 110, 170), 0.15),
+    sea = across > shore
+    foam = np.abs(across - shore) < 1.2
+    rgb = np.where(sea[..., None], _textured(rng, size, (50, 110, 170), 0.15),
                    _textured(rng, size, (215, 195, 140), 0.1))
-    rgb[np.abs(across - shore) < 1.2] = _rgb((230, 235, 235))
-    return rgb, across < shore - 8.0, None
+    rgb[foam] = _rgb((230, 235, 235))
+    return rgb, across < shore - 8.0, None, _class_map(~sea | foam, "Beach")  # the sand up to the surf line
 
 
 def _desert(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -136,7 +157,7 @@ def _desert(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backgroun
     phase = 2.0 * np.pi * (u + 4.0 * np.sin(2.0 * np.pi * v / rng.uniform(25.0, 45.0))) \
         / rng.uniform(11.0, 16.0) + rng.uniform(0.0, 2.0 * np.pi)
     rgb = _rgb((205, 165, 105)) * (1.0 + 0.13 * np.sin(phase))[..., None]
-    return rgb, _everywhere(y), None
+    return rgb, _everywhere(y), None, _no_classes(y)
 
 
 def _residential(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -147,7 +168,7 @@ def _residential(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Back
     tone = muted[rng.integers(0, 3, (10, 10))][(row // 8).astype(int), (col // 8).astype(int)]
     roof = ((row % 8) >= 2) & ((row % 8) < 6) & ((col % 8) >= 2) & ((col % 8) < 6)
     rgb = np.where(roof[..., None], tone, _rgb((175, 170, 160)))
-    return rgb, _everywhere(y), None
+    return rgb, _everywhere(y), None, _no_classes(y)
 
 
 def _parking(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -165,7 +186,7 @@ def _parking(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backgrou
     rgb[(in_bay < 0.8) & (in_row >= 1) & (in_row < 10)] = _rgb((200, 200, 200))
     car = parked & (in_row >= 2) & (in_row < 9) & (in_bay >= 1.5) & (in_bay < 5)
     rgb[car] = tone[car]
-    return rgb, _everywhere(y), 0 if horizontal_cars else 1
+    return rgb, _everywhere(y), 0 if horizontal_cars else 1, _no_classes(y)
 
 
 def _airport(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -175,7 +196,7 @@ def _airport(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backgrou
     rgb = _textured(rng, y.shape[0], (125, 135, 110), 0.15)
     rgb[dist < 6.0] = _rgb((70, 70, 75))
     rgb[(dist < 0.8) & ((along + rng.uniform(0.0, 8.0)) % 8 < 4)] = _rgb((230, 230, 230))
-    return rgb, _everywhere(y), None
+    return rgb, _everywhere(y), None, _no_classes(y)
 
 
 def _river(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -187,9 +208,10 @@ def _river(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background
     dist = np.abs(across - centre)
     half_width = rng.uniform(6.5, 8.0)
     size = y.shape[0]
-    rgb = np.where((dist < half_width)[..., None], _textured(rng, size, (40, 95, 165), 0.1),
+    water = dist < half_width
+    rgb = np.where(water[..., None], _textured(rng, size, (40, 95, 165), 0.1),
                    _textured(rng, size, (90, 135, 65), 0.25))
-    return rgb, dist < half_width - 3.0, 1 if vertical else 0
+    return rgb, dist < half_width - 3.0, 1 if vertical else 0, _class_map(water, "River")
 
 
 def _playground(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Background:
@@ -202,7 +224,7 @@ def _playground(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> Backg
     rgb[rho < 0.7] = _rgb((95, 165, 75))
     rgb[(rho >= 0.7) & (rho < 1.0)] = _rgb((180, 95, 65))
     rgb[np.abs(rho - 0.85) < 0.02] = _rgb((235, 235, 235))
-    return rgb, (rho > 1.15) | (rho < 0.45), None
+    return rgb, (rho > 1.15) | (rho < 0.45), None, _class_map(rho < 1.0, "Playground")  # track and its lawn
 
 
 # ----------------------------------------------------------------------------- objects
@@ -410,10 +432,10 @@ def _captions(rng: np.random.Generator, scene: _Scene, attrs: _Attributes) -> li
 
 
 def _render(rng: np.random.Generator, scene: _Scene, attrs: _Attributes,
-            size: int) -> np.ndarray:
-    """The uint8 RGB image of one sample."""
+            size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 RGB image of one sample and its uint8 map of mask classes (painted alike)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) * np.float32(REF / size)
-    rgb, allowed, axis = scene.painter(rng, y, x)
+    rgb, allowed, axis, classes = scene.painter(rng, y, x)
     length = rng.uniform(11.0, 13.0)
     everywhere = np.ones_like(allowed)
     masks = [allowed, everywhere]
@@ -421,6 +443,7 @@ def _render(rng: np.random.Generator, scene: _Scene, attrs: _Attributes,
         dist = _road(rng, y, x)
         rgb[dist < 4.0] = _rgb((215, 215, 210))  # light kerb lines on both sides
         rgb[dist < 3.0] = _rgb((128, 128, 132))
+        classes[dist < 4.0] = MASK_CLASSES["Background"]
         off_road = dist >= 4.0 + 0.75 * length  # keeps even a diagonal road uncovered
         masks = [allowed & off_road, allowed, off_road, everywhere]
     box = _box_size(scene.shape, length, axis)
@@ -429,18 +452,20 @@ def _render(rng: np.random.Generator, scene: _Scene, attrs: _Attributes,
     colour = _rgb(COLOURS[attrs.colour])
     rgb[labels == 1] = colour
     rgb[labels == 2] = colour * 0.6 + 30.0
+    classes[labels > 0] = OBJECT_CLASSES.get(scene.shape, MASK_CLASSES["Background"])
     rgb = rgb * rng.uniform(0.95, 1.05) + rng.normal(0.0, 4.0, rgb.shape)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), classes
 
 
 def _sample(rng: np.random.Generator, class_name: str,
-            size: int) -> tuple[np.ndarray, list[str]]:
-    """Draw attributes, then the image and the captions that describe them."""
+            size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Draw attributes, then the image, its mask classes and the captions that describe them."""
     scene = _SCENES[class_name]
     attrs = _Attributes(colour=_pick(rng, scene.colours),
                         count=int(rng.choice(list(COUNT_WORDS))),
                         road=bool(rng.random() < 0.5))
-    return _render(rng, scene, attrs, size), _captions(rng, scene, attrs)
+    pixels, classes = _render(rng, scene, attrs, size)
+    return pixels, classes, _captions(rng, scene, attrs)
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -495,8 +520,8 @@ def _is_complete(root: pathlib.Path, spec: DemoSpec) -> bool:
     return stamp == _stamp(spec)
 
 
-def _generate_splits(images: pathlib.Path, spec: DemoSpec) -> dict[str, list[dict[str, Any]]]:
-    """Write all images; return the JSON entries per split (train: one entry per caption)."""
+def _generate_splits(images: pathlib.Path, masks: pathlib.Path, spec: DemoSpec) -> dict[str, list[dict[str, Any]]]:
+    """Write all images and their masks; return the JSON entries per split (train: one entry per caption)."""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
     per_class = {"train": spec.train_per_class, "val": spec.val_per_class,
                  "test": spec.test_per_class}
@@ -505,9 +530,10 @@ def _generate_splits(images: pathlib.Path, spec: DemoSpec) -> dict[str, list[dic
         for label, class_name in enumerate(SCENE_CLASSES):
             for _ in range(per_class[split]):
                 rng = np.random.default_rng([spec.seed, image_id])
-                pixels, captions = _sample(rng, class_name, spec.image_size)
+                pixels, classes, captions = _sample(rng, class_name, spec.image_size)
                 name = f"{class_name}_{image_id}.png"
                 Image.fromarray(pixels).save(images / name)
+                Image.fromarray(classes * np.uint8(MASK_VALUE_STEP)).save(masks / f"mask_{name}")
                 meta = {"image": name, "image_id": image_id,
                         "label_name": class_name, "label": label}
                 if split == "train":
@@ -519,16 +545,17 @@ def _generate_splits(images: pathlib.Path, spec: DemoSpec) -> dict[str, list[dic
 
 
 def ensure_demo_dataset(root: str | os.PathLike, spec: DemoSpec = DemoSpec()) -> pathlib.Path:
-    """Generate the dataset under `root` unless a complete one with the same spec is already
-    there; return root."""
+    """Generate the dataset under `root` (images/, masks/, the split JSONs, tokenizer/vocab.txt) unless a
+    complete one with the same spec and format version is already there; return root."""
     root = pathlib.Path(root)
     if _is_complete(root, spec):
         return root
     (root / ".complete").unlink(missing_ok=True)
-    images = root / "images"
-    shutil.rmtree(images, ignore_errors=True)
-    images.mkdir(parents=True)
-    for split, entries in _generate_splits(images, spec).items():
+    images, masks = root / "images", root / "masks"
+    for folder in (images, masks):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    for split, entries in _generate_splits(images, masks, spec).items():
         _write_json(root / f"demo_{split}.json", entries)
     _write_atomic(root / "tokenizer" / "vocab.txt", "\n".join(_vocab_tokens()) + "\n")
     _write_json(root / ".complete", _stamp(spec))

@@ -37,7 +37,8 @@ def check_rerank(config: dict[str, Any], source: str) -> None:
 def embed_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of every image and every caption of ``split``, gathered on every process."""
-    images = embed_image_batches(model, (batch for batch, _ in split.image_loader), device, config["precision"])
+    # batches are (images, indices), or (images, indices, masks) with mask_root
+    images = embed_image_batches(model, (batch[0] for batch in split.image_loader), device, config["precision"])
     mine = shard_range(len(split.annotations.texts))
     texts = embed_texts(model, split.annotations.texts[mine.start:mine.stop], config["batch_size_test_text"],
                         device, config["precision"])

@@ -715,7 +715,9 @@ def test_dataset_carries_the_requested_fields(train_dataset: RetrievalTrainDatas
     plain = RetrievalTrainDataset(train_dataset.ann, train_dataset.transform)
     assert set(plain[(1, 1)]) == {"image", "caption", "image_idx"}
     assert torch.equal(plain[(1, 1)]["image"], train_dataset[(1, 1)]["image"])
-    with pytest.raises(DataError, match=r"sample field\(s\) \['mask'\]"):
+    with pytest.raises(DataError, match=r"sample field\(s\) \['depth'\]"):
+        RetrievalTrainDataset(train_dataset.ann, train_dataset.transform, fields=("image_idx", "depth"))
+    with pytest.raises(DataError, match="'mask' needs segmentation masks, and the config sets no mask_root"):
         RetrievalTrainDataset(train_dataset.ann, train_dataset.transform, fields=("image_idx", "mask"))
 
 

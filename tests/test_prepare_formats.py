@@ -591,10 +591,38 @@ def case_unreadable(tmp_path: Path) -> HardCase:
                     {"image_root": str(root)})
 
 
+def mask_root_for(tmp_path: Path, names: list[str], values: int = 10, size: tuple[int, int] = (8, 6)) -> Path:
+    """RSITMD-SS masks (every pixel stored as ``values``) for the images ``names``."""
+    root = tmp_path / "masks"
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.full((size[1], size[0]), values, dtype=np.uint8)).save(root / f"mask_{Path(name).stem}.png")
+    return root
+
+
+def case_missing_mask(tmp_path: Path) -> HardCase:
+    root = image_root_for(tmp_path, [n for n, _, _ in FILE_ROWS])
+    masks = mask_root_for(tmp_path, [n for n, _, _ in FILE_ROWS if n != "a_2.tif"])
+    path = karpathy_source(tmp_path, FILE_ROWS)
+    return HardCase("missing-mask", lambda: read_karpathy(path), [("train", "a_2.tif")],
+                    {"image_root": str(root), "mask_root": str(masks)})
+
+
+def case_bad_mask(tmp_path: Path) -> HardCase:
+    """a_2's mask has a value that is no class; a_3's is larger than its image."""
+    root = image_root_for(tmp_path, [n for n, _, _ in FILE_ROWS])
+    masks = mask_root_for(tmp_path, [n for n, _, _ in FILE_ROWS if n not in ("a_2.tif", "a_3.tif")])
+    mask_root_for(tmp_path, ["a_2.tif"], values=7)
+    mask_root_for(tmp_path, ["a_3.tif"], size=(9, 6))
+    path = karpathy_source(tmp_path, FILE_ROWS)
+    return HardCase("bad-mask", lambda: read_karpathy(path), [("train", "a_2.tif"), ("train", "a_3.tif")],
+                    {"image_root": str(root), "mask_root": str(masks)})
+
+
 HARD_CASES = {"blank-caption": case_blank, "caption-count": case_count, "split-overlap": case_overlap,
               "split-mismatch-partition": case_mismatch_partition,
               "split-mismatch-captions": case_mismatch_captions, "missing-image": case_missing,
-              "unreadable-image": case_unreadable}
+              "unreadable-image": case_unreadable, "missing-mask": case_missing_mask, "bad-mask": case_bad_mask}
 
 
 def test_every_hard_kind_has_a_case() -> None:

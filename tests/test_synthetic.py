@@ -1,7 +1,9 @@
-"""Tests for the procedural demo dataset: layout on disk, determinism, stamp and vocabulary."""
+"""Tests for the procedural demo dataset: layout on disk, determinism, stamp and vocabulary (its masks:
+test_masks.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -236,3 +238,15 @@ def test_module_imports_without_model_libraries() -> None:
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_images_are_those_of_format_version_1(tmp_path: pathlib.Path) -> None:
+    """Version 2 added the masks and left every image as it was: this digest of the names and pixels was taken
+    from version 1's output for the same spec (its PNG files were byte-identical too)."""
+    root = ensure_demo_dataset(tmp_path, DemoSpec(train_per_class=2, val_per_class=1, test_per_class=1,
+                                                  image_size=64, seed=0))
+    digest = hashlib.sha256()
+    for path in sorted((root / "images").iterdir()):
+        digest.update(path.name.encode())
+        digest.update(np.asarray(Image.open(path)).tobytes())
+    assert digest.hexdigest() == "a2e4c9036c2b37307e5f6c8beb708c488c5afcaf99866abd1c494f77bd0170d5"

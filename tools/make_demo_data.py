@@ -1,4 +1,5 @@
-"""Generate the procedural demo dataset into a folder, and optionally draw a sheet of sample images.
+"""Generate the procedural demo dataset (images/, their segmentation masks in masks/, the split JSONs and a
+vocabulary) into a folder, and optionally draw a sheet of sample images.
 
     python tools/make_demo_data.py --root .cache/demo --montage assets/demo_samples.png
 """

@@ -4,10 +4,12 @@
     python tools/prepare_data.py karpathy dataset_sydney.json OUT_DIR --name sydney --labels singleton
     python tools/prepare_data.py coco COCO_DIR OUT_DIR --name ucm --labels ucm
     python tools/prepare_data.py xvlm JSON_DIR OUT_DIR --name rsitmd
+    python tools/prepare_data.py precomp SRC_DIR OUT_DIR --name rsitmd --image-root DIR --masks RSITMD_SS_DIR
 
 Writes OUT_DIR/<name>_{train,val,test}.json, <name>_problems.tsv (every problem found), <name>_summary.json
 and the figures <name>_scenes.png and <name>_caption_lengths.png. Exits with status 1, after writing the
-report, when it finds a hard problem that no --allow accepts.
+report, when it finds a hard problem that no --allow accepts. --masks checks every image's segmentation mask
+(RSITMD-SS format) and adds the mask classes' shares to the summary.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="folder with {train,val}_{caps,filename}_verify.txt: the standard val split")
         sub.add_argument("--image-root", metavar="DIR",
                          help="check that every image exists (flat, or under train/ val/ test/) and decodes")
+        sub.add_argument("--masks", metavar="DIR",
+                         help="check that every image has its RSITMD-SS segmentation mask (mask_<stem>.png, value "
+                              "10 x class, 255 ignore) that decodes and, with --image-root, has the image's size; "
+                              "report the classes' shares of pixels and images")
         sub.add_argument("--labels", choices=LABEL_SCHEMES, default="prefix",
                          help="scene labels: file-name prefix (default; names without one get their own), "
                               "UCM's blocks of 100 file numbers, or one per image")
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     options = PrepareOptions(
         name=args.name, source_format=args.format, captions_per_image=args.captions_per_image,
         label_scheme=args.labels, val_fraction=args.val_fraction, seed=args.seed, image_root=args.image_root,
-        allow=frozenset(args.allow), captions_from=args.captions_from,
+        mask_root=args.masks, allow=frozenset(args.allow), captions_from=args.captions_from,
         caption_weight={**DEFAULT_CAPTION_WEIGHT, "rule": args.caption_weight}, max_words=args.max_words,
         plots=not args.no_plots, plots_dir=args.plots_dir)
     try:

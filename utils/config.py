@@ -97,6 +97,9 @@ _DATA: Section = {
     "val_file": Key((str,), doc="val JSON, one entry per image with its captions", is_path=True),
     "test_file": Key((str,), doc="test JSON, one entry per image with its captions", is_path=True),
     "image_root": Key((str,), doc="folder joined to each entry's `image`", is_path=True),
+    "mask_root": Key((str,), None, "folder of the segmentation masks (RSITMD-SS: `mask_<image stem>.png`, value = "
+                     "10 x class index, 255 = ignore; an entry's `mask` field names its file instead); every image "
+                     "then needs one, and evaluation gets them; null = no masks", is_path=True),
     "image_decode": Key((dict,), {}, "how 16-bit, float and multi-band images become 8-bit RGB (see its keys)"),
     "synthetic_data": Key((dict,), None, "if set, generate the procedural demo dataset first (see its keys)"),
     "dataset_kind": Key((str,), "re", "train augmentation pipeline: re = crop + flip (X-VLM); re_rsitmd adds "

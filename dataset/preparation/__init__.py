@@ -3,7 +3,8 @@
 The order of work: read the source (``sources``), replace blank captions from a corrected copy, find every
 problem (``problems``), stop on a hard one the user did not accept, carve a val split when the source has
 none (``splits``), label scenes (``labels``), then write ``<name>_{train,val,test}.json``, the problem
-report ``<name>_problems.tsv``, ``<name>_summary.json`` and two PNG figures.
+report ``<name>_problems.tsv``, ``<name>_summary.json`` and two PNG figures. With a mask folder, every image's
+segmentation mask is checked too, and the summary gives the share of each mask class.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from utils.checkpoint import write_text_atomic
 
@@ -23,7 +26,7 @@ from .plots import plot_caption_lengths, plot_scene_counts
 from .problems import HARD, Problem
 from .sources import SPLITS, Source, SourceImage, read_coco, read_karpathy, read_precomp, read_xvlm, read_xvlm_file
 from .splits import carve_val
-from .summary import format_summary, split_word_counts, summarize
+from .summary import format_summary, mask_summary, split_word_counts, summarize
 
 __all__ = ["HARD", "PrepareOptions", "Prepared", "PreparationError", "format_summary", "prepare_dataset",
            "read_coco", "read_karpathy", "read_precomp", "read_xvlm"]
@@ -44,6 +47,7 @@ class PrepareOptions:
     val_fraction: float = 0.2
     seed: int = 0
     image_root: str | None = None
+    mask_root: str | None = None
     allow: frozenset[str] = frozenset()
     captions_from: str | None = None
     caption_weight: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CAPTION_WEIGHT))
@@ -67,8 +71,10 @@ class Prepared:
     files: dict[str, Path]
 
 
-def _find_problems(source: Source, options: PrepareOptions) -> tuple[list[SourceImage], list[Problem], Counter]:
-    """The hard problems, and the images left once the accepted ones had their effect; also the image sizes."""
+def _find_problems(source: Source, options: PrepareOptions
+                   ) -> tuple[list[SourceImage], list[Problem], Counter, dict[str, np.ndarray]]:
+    """The hard problems, and the images left once the accepted ones had their effect; also the image sizes and
+    the class pixel counts of the masks (by entry image)."""
     images = source.images
     found = list(source.problems)
     if options.captions_from:
@@ -85,7 +91,13 @@ def _find_problems(source: Source, options: PrepareOptions) -> tuple[list[Source
         found += file_problems
         dropped = {(p.split, p.image) for p in file_problems if p.kind in options.allow}
         images = [image for image in images if (image.split, image.name) not in dropped]
-    return images, found, sizes
+    mask_counts: dict[str, np.ndarray] = {}
+    if options.mask_root:
+        mask_problems, mask_counts = checks.mask_files(images, options.mask_root, options.image_root)
+        found += mask_problems
+        dropped = {(p.split, p.image) for p in mask_problems if p.kind in options.allow}
+        images = [image for image in images if (image.split, image.name) not in dropped]
+    return images, found, sizes, mask_counts
 
 
 def _label_ids(images: list[SourceImage], names: list[str]) -> dict[str, int]:
@@ -105,7 +117,7 @@ def _entries(images: list[SourceImage], names: list[str], options: PrepareOption
     out: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     image_ids: dict[str, int] = {}
     for image, name in zip(images, names):
-        fields = {"image": image.path or image.name, "label": ids[name], "label_name": name}
+        fields = {"image": checks.entry_image(image), "label": ids[name], "label_name": name}
         if image.split == "train":
             image_id = image_ids.setdefault(image.name, len(image_ids))
             out["train"] += [{"caption": c, "image_id": image_id, **fields} for c in image.captions]
@@ -132,7 +144,7 @@ def prepare_dataset(source: Source, out_dir: str | Path, options: PrepareOptions
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"report": out_dir / f"{options.name}_problems.tsv"}
-    images, found, sizes = _find_problems(source, options)
+    images, found, sizes, mask_counts = _find_problems(source, options)
     names = [label_name(image.name, options.label_scheme) for image in images]
     singleton_strata = ["" if is_singleton(image.name, name) else name for image, name in zip(images, names)]
     carve_val(images, singleton_strata, options.val_fraction, options.seed)
@@ -151,6 +163,8 @@ def prepare_dataset(source: Source, out_dir: str | Path, options: PrepareOptions
                "label_scheme": options.label_scheme, "notes": source.notes, "caption_weights": weight_source,
                "accepted": sorted(options.allow),
                "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())}}
+    if options.mask_root:
+        context["masks"] = mask_summary(splits, mask_counts, options.mask_root, sizes_checked=bool(options.image_root))
     words = split_word_counts(splits)
     summary = summarize(options.name, splits, words, found, set(options.allow), context, options.max_words)
     for split, entries in splits.items():

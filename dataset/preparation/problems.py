@@ -12,10 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
+import numpy as np
+
 from utils.checkpoint import write_text_atomic
 
 from ..captions import pre_caption
 from ..images import candidate_paths, load_rgb, resolve_image_path
+from ..masks import MaskError, mask_candidates, mask_class_counts, resolve_mask_path
 
 if TYPE_CHECKING:
     from .sources import SourceImage
@@ -27,6 +30,8 @@ HARD = {
     "split-mismatch": "the fixed split is used as it is",
     "missing-image": "the image and its captions are dropped",
     "unreadable-image": "the image and its captions are dropped",
+    "missing-mask": "the image and its captions are dropped",
+    "bad-mask": "the image and its captions are dropped",
 }
 NOTES = {
     "duplicate-caption": "an image has the same caption more than once (kept)",
@@ -169,6 +174,37 @@ def image_files(images: list[SourceImage], image_root: str, workers: int | None 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda image: _probe(image_root, image), images))
     return [p for p, _ in results if p is not None], Counter(size for _, size in results if size is not None)
+
+
+def entry_image(image: SourceImage) -> str:
+    """The ``image`` field its entries get: where it was found under the image root, else its name."""
+    return image.path or image.name
+
+
+def _mask_probe(mask_root: str, image_root: str | None, image: SourceImage
+                ) -> tuple[Problem | None, np.ndarray | None]:
+    entry = entry_image(image)
+    path = resolve_mask_path(mask_root, entry)
+    if path is None:
+        return Problem("missing-mask", image.split, image.name, "-",
+                       f"no file at {' or '.join(mask_candidates(mask_root, entry))}"), None
+    image_path = os.path.join(image_root, image.path) if image_root and image.path else None
+    try:
+        return None, mask_class_counts(path, image_path)
+    except MaskError as err:
+        return Problem("bad-mask", image.split, image.name, path, str(err)), None
+
+
+def mask_files(images: list[SourceImage], mask_root: str, image_root: str | None = None, workers: int | None = None
+               ) -> tuple[list[Problem], dict[str, np.ndarray]]:
+    """Each image's mask is looked up as the loader does (:func:`dataset.masks.resolve_mask_path` of its entry's
+    ``image``), read and checked (encoding; with ``image_root``, the image's size). Returns the problems and the
+    class pixel counts of every usable mask, keyed by the entry's ``image``."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda image: _mask_probe(mask_root, image_root, image), images))
+    counts = {entry_image(image): found for image, (_, found) in zip(images, results) if found is not None}
+    return [p for p, _ in results if p is not None], counts
 
 
 def write_report(problems: list[Problem], allowed: Iterable[str], path: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..captions import pre_caption
+from ..masks import NUM_CLASSES, class_shares
 from .labels import is_singleton
 from .problems import HARD, Problem
 
@@ -60,6 +61,28 @@ def summarize(name: str, splits: dict[str, list[dict[str, Any]]], words: dict[st
     return out
 
 
+def mask_summary(splits: dict[str, list[dict[str, Any]]], counts: dict[str, np.ndarray], mask_root: str,
+                 sizes_checked: bool) -> dict[str, Any]:
+    """Per split and over all splits: masks read and, per class, its share of the pixels (ignore left out) and
+    the share of masks containing it, in percent; ``counts`` holds each entry image's class pixel counts."""
+    rows: dict[str, np.ndarray] = {}
+    for split, entries in splits.items():
+        images = dict.fromkeys(entry["image"] for entry in entries)
+        rows[split] = np.array([counts[image] for image in images]).reshape(-1, NUM_CLASSES)
+    everything = np.concatenate(list(rows.values()))
+    return {"root": mask_root, "sizes_checked": sizes_checked, "masks": len(everything),
+            "classes": class_shares(everything),
+            "splits": {split: {"masks": len(r), "classes": class_shares(r)} for split, r in rows.items()}}
+
+
+def _mask_lines(masks: dict[str, Any]) -> list[str]:
+    sizes = "sizes checked against the images" if masks["sizes_checked"] else "sizes not checked (no --image-root)"
+    lines = [f"masks in {masks['root']}: {masks['masks']} read, {sizes}",
+             f"{'mask class':<14} {'pixels %':>9} {'images %':>9}"]
+    lines += [f"{name:<14} {share['pixels']:>9.3f} {share['images']:>9.2f}" for name, share in masks["classes"].items()]
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as the tool prints it."""
     folders = sorted({str(Path(file).parent) for file in summary["source_files"]})
@@ -83,6 +106,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"caption weights ('length'): {summary['caption_weights']}")
     if summary.get("image_sizes"):
         lines.append("image sizes: " + ", ".join(f"{size} x{count}" for size, count in summary["image_sizes"].items()))
+    if summary.get("masks"):
+        lines += _mask_lines(summary["masks"])
     if summary["problems"]:
         lines.append("problems (see the report):")
         lines += [f"  {kind}: {count}" for kind, count in summary["problems"].items()]
