@@ -41,6 +41,7 @@ from utils.logger import Progress, TensorBoard, log_failure, max_memory_mb, setu
 from utils.metrics import METRIC_KEYS, chance_metrics
 from utils.precision import autocast, grad_scaler
 from utils.protocol import PAPER_PROTOCOL, check_protocol, entry_name, label, mean_of_last_epochs, paper_epochs
+from utils.seg_metrics import SEG_KEYS
 from utils.weights import WeightsError
 
 log = logging.getLogger("retrieval")
@@ -97,8 +98,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def metric_row(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    """X-VLM's log keys with 2-decimal rounding (``val_txt_r1`` ... ``val_r_mean``)."""
-    return {f"{prefix}_{k}": round(metrics[k], 2) for k in METRIC_KEYS}
+    """X-VLM's log keys with 2-decimal rounding (``val_txt_r1`` ... ``val_r_mean``), and the segmentation
+    metrics when there are any (``val_seg_miou`` ...)."""
+    return {f"{prefix}_{k}": round(metrics[k], 2) for k in (*METRIC_KEYS, *SEG_KEYS) if k in metrics}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -194,6 +196,18 @@ def write_log(output_dir: Path, history: list[dict[str, Any]], footer: list[str]
     write_text_atomic("".join(line + "\n" for line in lines), output_dir / "log.txt")
 
 
+def split_scores(record: dict[str, Any], split: str) -> dict[str, float]:
+    """One split's recalls, and its segmentation metrics where the epoch has them, from an epoch record."""
+    return {k: record[f"{split}_{k}"] for k in (*METRIC_KEYS, *SEG_KEYS) if f"{split}_{k}" in record}
+
+
+def format_segmentation(rows: dict[str, dict[str, float]]) -> str:
+    """The segmentation metrics of the rows that have them, one line each."""
+    return "\n".join(f"{name:<22}| pixel acc {m['seg_pixel_acc']:6.2f} | class acc {m['seg_class_acc']:6.2f} | "
+                     f"mIoU {m['seg_miou']:6.2f} | FWIoU {m['seg_fwiou']:6.2f}" for name, m in rows.items()
+                     if "seg_miou" in m)
+
+
 def summary_lines(state: TrainState, config: dict[str, Any]) -> list[str]:
     """The closing JSON line: test at the selected epoch, at the last epoch, and best-on-test for comparison;
     with the paper protocol, also the mean of test over its last epochs (``utils.protocol``)."""
@@ -203,7 +217,7 @@ def summary_lines(state: TrainState, config: dict[str, Any]) -> list[str]:
     summary: dict[str, Any] = {"best_epoch": state.best_epoch, "selected_on": selected,
                                f"{selected}_r_mean_at_best": state.best_metric}
     if "test_r_mean" in by_epoch.get(state.best_epoch, {}):
-        summary["test_at_best"] = {k: by_epoch[state.best_epoch][f"test_{k}"] for k in METRIC_KEYS}
+        summary["test_at_best"] = split_scores(by_epoch[state.best_epoch], "test")
     last = state.history[-1]
     if "test_r_mean" in last:
         summary["test_at_last"] = {k: last[f"test_{k}"] for k in METRIC_KEYS} | {"epoch": last["epoch"]}
@@ -268,12 +282,15 @@ def evaluate_only(args: argparse.Namespace, config: dict[str, Any], device: torc
     metrics = evaluate_split(model, split, config, device)
     if info.is_main:
         chance = chance_metrics(split.annotations.img2txt, len(split.annotations.texts))
-        result = {"split": args.split, **weights, "rerank": config["rerank"], **{k: metrics[k] for k in METRIC_KEYS},
+        result = {"split": args.split, **weights, "rerank": config["rerank"],
+                  **{k: metrics[k] for k in (*METRIC_KEYS, *SEG_KEYS) if k in metrics},
                   "chance_r_mean": chance["r_mean"], "n_images": len(split.annotations.image_paths),
                   "n_texts": len(split.annotations.texts), "eval_time_s": round(metrics["eval_time_s"], 3)}
         write_text_atomic(json.dumps(result, indent=2) + "\n", output_dir / "eval_results.json")
-        log.info("%s weights on %s:\n%s", weights["weights"], args.split,
-                 format_table({args.split: metrics, "chance": chance}))
+        segmentation = format_segmentation({args.split: metrics})
+        log.info("%s weights on %s:\n%s%s", weights["weights"], args.split,
+                 format_table({args.split: metrics, "chance": chance}),
+                 f"\nsegmentation:\n{segmentation}" if segmentation else "")
     return metrics
 
 
@@ -393,20 +410,24 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
             footer = summary_lines(state, config) if state.epoch == epochs else []
             write_log(output_dir, state.history, footer)
             board.scalars({k: float(v) for k, v in record.items() if k not in ("epoch", "stage_name")}, epoch)
-            log.info("epoch %d: val r_mean %.2f%s (best %.2f at epoch %d)", epoch, evaluated["val"]["r_mean"],
+            log.info("epoch %d: val r_mean %.2f%s%s (best %.2f at epoch %d)", epoch, evaluated["val"]["r_mean"],
                      f", test r_mean {evaluated['test']['r_mean']:.2f}" if "test" in evaluated else "",
+                     "".join(f", {split} mIoU {scores['seg_miou']:.2f}" for split, scores in evaluated.items()
+                             if "seg_miou" in scores),
                      state.best_metric, state.best_epoch)
         dist_utils.barrier()
     board.close()
     if info.is_main and state.history:
         best = {r["epoch"]: r for r in state.history}[state.best_epoch]
-        table = {f"val   @ best epoch {state.best_epoch}": {k: best[f"val_{k}"] for k in METRIC_KEYS}}
+        table = {f"val   @ best epoch {state.best_epoch}": split_scores(best, "val")}
         if "test_r_mean" in best:
-            table[f"test  @ best epoch {state.best_epoch}"] = {k: best[f"test_{k}"] for k in METRIC_KEYS}
+            table[f"test  @ best epoch {state.best_epoch}"] = split_scores(best, "test")
         if averaged:
             table[label(entry_name(len(averaged)))] = mean_of_last_epochs(state.history, averaged)
         table["test  chance"] = chance_metrics(splits["test"].annotations.img2txt, len(splits["test"].annotations.texts))
-        log.info("selected on %s r_mean; results:\n%s", config["select_on"], format_table(table))
+        segmentation = format_segmentation(table)
+        log.info("selected on %s r_mean; results:\n%s%s", config["select_on"], format_table(table),
+                 f"\nsegmentation:\n{segmentation}" if segmentation else "")
     return state
 
 

@@ -38,6 +38,8 @@ TASKS = {
     "itr_rsicd_pir": "configs/Retrieval_rsicd_pir.yaml",
     "itr_rsitmd_amfmn": "configs/Retrieval_rsitmd_amfmn.yaml",
     "itr_rsicd_amfmn": "configs/Retrieval_rsicd_amfmn.yaml",
+    "itr_rsitmd_sirs": "configs/Retrieval_rsitmd_sirs.yaml",
+    "itr_rsicd_sirs": "configs/Retrieval_rsicd_sirs.yaml",
 }
 
 # PIR/X-VLM --dist presets: visible GPUs and processes per node. gpuN (one process on GPU N) and cpu are

@@ -32,9 +32,9 @@ from .fusion import GUIDED_ATTENTIONS, MVSA, VisualGuidedText
 from .loading import random_init
 from .text import TextProcessor, WordVocabProcessor
 
-AMFMN_LINEAGE = ("amfmn", "galr_global")
+AMFMN_LINEAGE = ("amfmn", "galr_global", "sirs")
 
-register_keys("AMFMN lineage: ResNet + MVSA, word-vocabulary GRU (amfmn, galr_global)", {
+register_keys("AMFMN lineage: ResNet, word-vocabulary GRU (amfmn, galr_global, sirs)", {
     "image_arch": Key((str,), "resnet18", "image backbone (torchvision layout)",
                       choices=("resnet18", "resnet34", "resnet50")),
     "image_ckpt": Key((str,), None, "image backbone weights, torchvision layout (e.g. torchvision's ImageNet "
@@ -81,15 +81,14 @@ def pairwise_cosine(image_emb: torch.Tensor, guided_text: torch.Tensor, eps: flo
     return dots / (image_emb.norm(dim=-1)[:, None] * guided_text.norm(dim=-1)).clamp(min=eps)
 
 
-class AMFMN(RetrievalModel):
-    """``encode_image``: MVSA-gated global vector [B, d]; ``encode_text``: bi-GRU vector [B, d]; ``similarity``:
-    the guided cosine of every pair (``guided``), else the cosine of the L2-normalised embeddings."""
+class AMFMNLineage(RetrievalModel):
+    """What AMFMN, GaLR-global and SIRS share: a fine-tuned torchvision ResNet (``image_encoder``) with AMFMN's
+    transforms, and a text branch over a word vocabulary (the bi-GRU, or the skip-thoughts GRU + ``text_proj``).
+    Subclasses build their image head on the ResNet's stages and say how pairs are scored."""
 
     encoder_names = ("image_encoder", "text_encoder")
-    similarity_chunks = (64, 1024)  # images x captions per block: 64 x 1024 x d floats at a time
 
-    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
-                 guided: bool = True) -> None:
+    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None) -> None:
         super().__init__()
         dim, res = config["embed_dim"], config["image_res"]
         degrees = config["rotation_degrees"]
@@ -99,9 +98,6 @@ class AMFMN(RetrievalModel):
         self.train_transform = resnet_train_transform(config["resize_res"], res, tuple(degrees))
         self.eval_transform = resnet_eval_transform(res)
         self.image_encoder = ResNetEncoder(config["image_arch"])
-        self.global_proj = nn.Linear(self.image_encoder.width, dim)
-        self.mvsa = MVSA(self.image_encoder.stage_channels, res, dim, config["multiscale_input_channel"],
-                         config["multiscale_output_channel"])
         self.skipthoughts = config["text_arch"] == "skipthoughts"
         if self.skipthoughts:
             word_width, state_width = config["skipthoughts_widths"]
@@ -111,24 +107,11 @@ class AMFMN(RetrievalModel):
             self.text_proj = nn.Linear(state_width, dim)
         else:
             self.text_encoder = BiGRUTextEncoder(self.text_processor.vocab_size, config["word_dim"], dim)
-        self.guided_text = VisualGuidedText(config["att_type"], dim) if guided else None
-        self.scores_are_dot_products = not guided
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        stages = self.image_encoder.forward_stages(images)
-        image_emb = self.mvsa(stages, self.global_proj(stages[-1].mean(dim=(2, 3))))
-        return image_emb if self.guided_text else F.normalize(image_emb, dim=-1)
-
-    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_words(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The text branch's vector [B, d], not normalised (the released ``Skipthoughts_Embedding_Module``)."""
         text_emb = self.text_encoder(text["input_ids"], text["lengths"])
-        if self.skipthoughts:
-            text_emb = F.relu(self.text_proj(text_emb))
-        return text_emb if self.guided_text else F.normalize(text_emb, dim=-1)
-
-    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        if self.guided_text is None:
-            return image_emb @ text_emb.t()
-        return pairwise_cosine(image_emb, self.guided_text(image_emb, text_emb))
+        return F.relu(self.text_proj(text_emb)) if self.skipthoughts else text_emb
 
     # --- weights
 
@@ -156,16 +139,14 @@ class AMFMN(RetrievalModel):
             else:
                 random_init("text_encoder", config, "text_arch is skipthoughts but skipthoughts_dir is not set")
 
-    def remap_checkpoint(self, state: StateDict) -> Remapped:
-        """This project's names, or AMFMN's released ones: ``extract_feature.resnet`` (torchvision, its ``fc``
-        dropped), ``extract_feature.linear``, ``mvsa``, ``text_feature.seq2vec`` (the skip-thoughts port's
-        names), ``text_feature.to_out``, ``cross_attention_s``; the never-called ``vgmf_gate`` is left out."""
-        if not any(key.startswith("extract_feature.") for key in state):
-            return Remapped(dict(state))
-        renames = {"extract_feature.linear.": "global_proj.", "mvsa.": "mvsa.", "text_feature.to_out.": "text_proj.",
-                   "cross_attention_s.": "guided_text."}
+    def remap_released(self, state: StateDict, renames: dict[str, str], backbone: str) -> Remapped:
+        """A released checkpoint of the lineage -> this model's names: the ResNet under ``backbone`` (torchvision
+        names, its ``fc`` dropped), the skip-thoughts port's names under ``text_feature.seq2vec``,
+        ``text_feature.to_out``, and the model's own ``renames`` (old prefix -> new prefix); everything else is
+        reported as unused."""
+        renames = {**renames, "text_feature.to_out.": "text_proj."}
         out = {new + key: value for old, new in renames.items() for key, value in with_prefix(state, old).items()}
-        encoders = {"extract_feature.resnet.": ("image_encoder.", self.image_encoder.remap_state),
+        encoders = {backbone: ("image_encoder.", self.image_encoder.remap_state),
                     "text_feature.seq2vec.": ("text_encoder.", self.text_encoder.remap_state if self.skipthoughts
                                               else Remapped)}
         dropped = [f"{key} (not used by the released forward)" for key in state
@@ -175,6 +156,46 @@ class AMFMN(RetrievalModel):
             out.update({new + key: value for key, value in part.state.items()})
             dropped += [old + entry for entry in part.dropped]
         return Remapped(out, dropped=dropped)
+
+
+class AMFMN(AMFMNLineage):
+    """``encode_image``: MVSA-gated global vector [B, d]; ``encode_text``: the text branch's vector [B, d];
+    ``similarity``: the guided cosine of every pair (``guided``), else the cosine of the L2-normalised
+    embeddings."""
+
+    similarity_chunks = (64, 1024)  # images x captions per block: 64 x 1024 x d floats at a time
+
+    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
+                 guided: bool = True) -> None:
+        super().__init__(config, text_processor)
+        dim = config["embed_dim"]
+        self.global_proj = nn.Linear(self.image_encoder.width, dim)
+        self.mvsa = MVSA(self.image_encoder.stage_channels, config["image_res"], dim,
+                         config["multiscale_input_channel"], config["multiscale_output_channel"])
+        self.guided_text = VisualGuidedText(config["att_type"], dim) if guided else None
+        self.scores_are_dot_products = not guided
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        stages = self.image_encoder.forward_stages(images)
+        image_emb = self.mvsa(stages, self.global_proj(stages[-1].mean(dim=(2, 3))))
+        return image_emb if self.guided_text else F.normalize(image_emb, dim=-1)
+
+    def encode_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        text_emb = self.encode_words(text)
+        return text_emb if self.guided_text else F.normalize(text_emb, dim=-1)
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        if self.guided_text is None:
+            return image_emb @ text_emb.t()
+        return pairwise_cosine(image_emb, self.guided_text(image_emb, text_emb))
+
+    def remap_checkpoint(self, state: StateDict) -> Remapped:
+        """This project's names, or AMFMN's released ones: ``extract_feature.resnet``, ``extract_feature.linear``,
+        ``mvsa``, ``text_feature``, ``cross_attention_s``; the never-called ``vgmf_gate`` is left out."""
+        if not any(key.startswith("extract_feature.") for key in state):
+            return Remapped(dict(state))
+        return self.remap_released(state, {"extract_feature.linear.": "global_proj.", "mvsa.": "mvsa.",
+                                           "cross_attention_s.": "guided_text."}, "extract_feature.resnet.")
 
 
 @register_model("amfmn")

@@ -33,7 +33,8 @@ class RetrievalModel(nn.Module, ABC):
     * ``encoder_names`` (class attribute): the names ``encoders()`` can return;
     * ``scores_are_dot_products``: False for a model whose ``similarity`` is not the dot product of its
       embeddings (a pairwise head); only losses that call ``similarity`` then apply;
-    * ``similarity_chunks``: (images, captions) scored at a time in evaluation (``None`` = all captions).
+    * ``similarity_chunks``: (images, captions) scored at a time in evaluation (``None`` = all captions);
+    * ``seg_classes``: the classes ``segment`` predicts, for a model that also segments (0 = it does not).
     """
 
     text_processor: TextProcessor
@@ -43,6 +44,7 @@ class RetrievalModel(nn.Module, ABC):
     encoder_names: ClassVar[tuple[str, ...]] = ()  # the keys of encoders(), for checking allow_random_init
     scores_are_dot_products: bool = True
     similarity_chunks: tuple[int, int | None] = (1024, None)
+    seg_classes: int = 0
 
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,10 @@ class RetrievalModel(nn.Module, ABC):
         """``[n_images, n_texts]`` scores; cosine for L2-normalised embeddings. A model whose score is not a
         dot product overrides this; evaluation calls it on blocks of ``similarity_chunks``."""
         return image_emb @ text_emb.t()
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, seg_classes, H, W]`` segmentation logits, for a model with ``seg_classes`` > 0."""
+        raise NotImplementedError(f"{type(self).__name__} does not segment")
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The features the losses read: ``image_feat``, ``text_feat`` and whatever else the model adds."""

@@ -1,5 +1,6 @@
 """The evaluation protocol: embed a split once (images and texts sharded over processes), score all pairs
-with the model's ``similarity``, optionally re-rank the scores, compute R@K."""
+with the model's ``similarity``, optionally re-rank the scores, compute R@K; for a model that also segments,
+on a split with masks, the segmentation metrics too."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,9 @@ from dataset import EvalSplit
 from utils.config import ConfigError, Key, register_keys
 from utils.distributed import gather_uneven, shard_range
 from utils.metrics import retrieval_metrics
+from utils.precision import autocast
 from utils.rerank import multivariate_rerank
+from utils.seg_metrics import SegmentationMeter
 
 from .base import RetrievalModel
 from .inference import embed_image_batches, embed_texts, similarity_matrix
@@ -60,5 +63,20 @@ def evaluate_split(model: RetrievalModel, split: EvalSplit, config: dict[str, An
         log.info("%s: scores re-ranked by GaLR's multivariate re-rank (k %d, wp1 %g, wp2 %g)", split.name,
                  config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
     metrics = retrieval_metrics(sims, split.annotations.img2txt, split.annotations.txt2img, t2i_sims)
+    if model.seg_classes and split.annotations.mask_paths is not None:
+        metrics.update(segmentation_metrics(model, split, config, device))
     metrics["eval_time_s"] = time.time() - start
     return metrics
+
+
+@torch.no_grad()
+def segmentation_metrics(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
+                         device: torch.device) -> dict[str, float]:
+    """Pixel accuracy, mean class accuracy, mIoU and FWIoU (``seg_*``, in %) of the model's segmentation of the
+    split's images against their masks: one confusion matrix summed over batches and processes."""
+    meter = SegmentationMeter(model.seg_classes, device)
+    model.eval()
+    with autocast(config["precision"], device):
+        for images, _, masks in split.image_loader:
+            meter.update(model.segment(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
+    return meter.compute()

@@ -6,7 +6,7 @@ Each training item is one (image, caption) pair; ``image_ids`` says which pairs 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset.annotations import TrainAnnotations
+from dataset.masks import IGNORE_INDEX, mask_class_weights
 from dataset.text_similarity import cached_prior_text_similarity
 from utils.config import ConfigError, Key, register_keys
-from utils.distributed import barrier, get_rank
+from utils.distributed import barrier, get_rank, get_world_size
 
 from ._registry import register_loss
 
@@ -186,7 +187,8 @@ class LossInputs:
     """What a loss sees: features gathered from every process, the batch fields the losses declared (also
     gathered; ``image_idx`` always), the model's other outputs (``temp``), this process's query rows
     (``None`` = all), the per-process batch, the epoch, whether the stage weights captions, and the model's
-    score of every (image, caption) pair (``similarity``, for losses on pairwise-scored models)."""
+    score of every (image, caption) pair (``similarity``, for losses on pairwise-scored models) and this
+    process's own batch (``batch``, for the ``local_fields`` a loss reads without gathering)."""
 
     image_feat: torch.Tensor
     text_feat: torch.Tensor
@@ -197,16 +199,19 @@ class LossInputs:
     epoch: int
     caption_weights: bool = False
     similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_product_scores
+    batch: dict[str, Any] = field(default_factory=dict)
 
 
 class RetrievalLoss(nn.Module):
-    """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads;
+    """A loss term: ``name`` is what stages call it; ``sample_fields`` the batch fields it reads, gathered from
+    every process; ``local_fields`` those it reads from this process's batch only (segmentation masks);
     ``model_outputs`` the model's outputs beyond the embeddings it reads (``temp``); ``uses_model_similarity``
     whether it scores pairs with the model's ``similarity`` (else with dot products of the embeddings, which
     only a model whose score is one supports)."""
 
     name: ClassVar[str]
     sample_fields: ClassVar[tuple[str, ...]] = ()
+    local_fields: ClassVar[tuple[str, ...]] = ()
     model_outputs: ClassVar[tuple[str, ...]] = ()
     uses_model_similarity: ClassVar[bool] = False
 
@@ -391,3 +396,36 @@ class TripletLoss(RetrievalLoss):
             loss = loss / (2 * scores.shape[0] ** 2 - 2 * scores.shape[0])
         processes = 1 if inputs.rows is None else inputs.image_feat.shape[0] // inputs.local_batch
         return loss * processes
+
+
+@register_loss
+class SegmentationLoss(RetrievalLoss):
+    """SIRS's L_SS: pixel cross-entropy over the model's ``seg_logits`` and the batch's masks (255 ignored), each
+    class weighted by max_k(count_k) / count_c over the training masks' pixels (counted in ``prepare``), the
+    weighted mean divided by the batch size, as released. The batch size is the global one, so that with DDP's
+    gradient averaging several processes train as one holding the whole batch (up to the weighted mean being
+    taken per process)."""
+
+    name = "seg"
+    local_fields = ("mask",)
+    model_outputs = ("seg_logits",)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.workers = config["num_workers"]
+        self.class_weights: torch.Tensor | None = None
+
+    def prepare(self, annotations: TrainAnnotations, run_dir: Path) -> None:
+        if annotations.mask_paths is None:
+            raise ValueError("the seg loss needs segmentation masks: set mask_root (README, \"Segmentation masks\")")
+        self.class_weights = mask_class_weights(annotations.mask_paths, self.workers)
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        if "seg_logits" not in inputs.features:
+            raise ValueError("the seg loss needs a model with a segmentation decoder (sirs with seg_decoder: true)")
+        if self.class_weights is None:
+            raise RuntimeError("the seg loss needs the class weights of the training masks: call prepare() first")
+        logits = _at_least_fp32(inputs.features["seg_logits"])
+        loss = F.cross_entropy(logits, inputs.batch["mask"], weight=self.class_weights.to(logits),
+                               ignore_index=IGNORE_INDEX)
+        return loss / (logits.shape[0] * get_world_size())

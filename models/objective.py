@@ -73,10 +73,16 @@ class RetrievalObjective(nn.Module):
         self.stage = Stage("all", 0, {name: 1.0 for name in losses})
 
     @property
-    def sample_fields(self) -> tuple[str, ...]:
-        """The batch fields the losses read (``image_idx`` always)."""
+    def gathered_fields(self) -> tuple[str, ...]:
+        """The batch fields the losses read across processes (``image_idx`` always)."""
         fields = ["image_idx"] + [f for loss in self.losses.values() for f in loss.sample_fields]
         return tuple(dict.fromkeys(fields))
+
+    @property
+    def sample_fields(self) -> tuple[str, ...]:
+        """Every batch field the losses read: the gathered ones and those read on each process alone."""
+        return tuple(dict.fromkeys([*self.gathered_fields,
+                                    *(f for loss in self.losses.values() for f in loss.local_fields)]))
 
     def leaves_model_outputs_unread(self, stages: Iterable[Stage]) -> bool:
         """Whether some stage's losses read none of the model's outputs beyond the embeddings (the triplet loss
@@ -97,10 +103,10 @@ class RetrievalObjective(nn.Module):
         local_batch = features["image_feat"].shape[0]
         image_feat = gather_features(features["image_feat"], self.gather_with_grad)
         text_feat = gather_features(features["text_feat"], self.gather_with_grad)
-        fields = {name: gather_features(batch[name], with_grad=False) for name in self.sample_fields}
+        fields = {name: gather_features(batch[name], with_grad=False) for name in self.gathered_fields}
         rows = local_rows(local_batch, image_feat.shape[0]) if self.local_loss else None
         inputs = LossInputs(image_feat, text_feat, fields, features, rows, local_batch, epoch,
-                            self.stage.caption_weights, similarity or dot_product_scores)
+                            self.stage.caption_weights, similarity or dot_product_scores, batch)
         losses: dict[str, torch.Tensor] = {}
         for name, loss in self.losses.items():
             with torch.set_grad_enabled(torch.is_grad_enabled() and name in self.stage.losses):

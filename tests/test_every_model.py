@@ -24,10 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_config(name: str, demo_root: Path, *overrides: str) -> dict:
-    """configs/demo_<name>.yaml with its data keys pointed at the small test dataset."""
-    return load_config(ROOT / "configs" / f"demo_{name}.yaml", [
+    """configs/demo_<name>.yaml with its data keys (and its masks, when it reads any) pointed at the small test
+    dataset."""
+    path = ROOT / "configs" / f"demo_{name}.yaml"
+    masks = [f"mask_root={demo_root}/masks"] if load_config(path)["mask_root"] else []
+    return load_config(path, [
         "synthetic_data=null", f"train_file=[{demo_root}/demo_train.json]", f"val_file={demo_root}/demo_val.json",
-        f"test_file={demo_root}/demo_test.json", f"image_root={demo_root}/images",
+        f"test_file={demo_root}/demo_test.json", f"image_root={demo_root}/images", *masks,
         f"text_encoder={demo_root}/tokenizer", "batch_size_train=8", "num_workers=0", *overrides])
 
 
@@ -75,6 +78,7 @@ def test_model_trains_encodes_and_reloads_from_its_checkpoint(name: str, demo_ro
     task = RetrievalTask(model, build_objective(config, stages))
     loader = create_train_loader(config, DistInfo(), 0, torch.device("cpu"), transform=model.train_transform,
                                  text_processor=model.text_processor, fields=task.sample_fields)
+    task.objective.prepare(loader.dataset.ann, tmp_path)
     task.train()
     losses = task(next(iter(loader)), epoch=0)
     assert all(torch.isfinite(v) for v in losses.values())

@@ -573,7 +573,7 @@ def test_bf16_inputs_give_float32_close_to_fp32(name: str) -> None:
 def test_loss_modules_compute_their_functions_with_their_config_keys() -> None:
     """contr at the model's ``temp`` (weighted when the stage says so), affil at its own learnable temperature
     (initialised from ``temp2``, per-process centres by default), scene at ``temp`` with its keys."""
-    assert list_losses() == ["affil", "contr", "scene", "triplet"]
+    assert list_losses() == ["affil", "contr", "scene", "seg", "triplet"]
     assert [get_loss(name) for name in ("contr", "affil", "scene")] == [ContrastiveLoss, AffiliationLoss,
                                                                         SceneAdaptiveLoss]
     config = {"soft_target_eps": 1e-4, "temp2": 0.05, "affil_symmetric": True, "affil_center_chunk": 0,
