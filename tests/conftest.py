@@ -45,6 +45,47 @@ def write_json(path: Path, data: object) -> Path:
     return path
 
 
+def run_gloo_worker(worker: Path, output: Path, processes: int) -> dict:
+    """Run a test worker script alone, or as ``processes`` gloo processes under torchrun; it saves its results
+    to ``output``, which is returned loaded."""
+    import subprocess
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    result = subprocess.run([*launcher, str(worker), str(output)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return torch.load(output, weights_only=True)
+
+
+def prepare_data_main(module_name: str):
+    """tools/prepare_data.py's ``main``, imported from its file as the user runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+WORD_MODEL_CAPTIONS = ["A white plane is parked beside the runway.", "Two white planes near the runway",
+                       "a red roof beside the green lawn", "many boats park beside the river ."]
+
+
+def word_model_config(tmp_path: Path, model: str, *overrides: str) -> dict:
+    """configs/demo_<model>.yaml of a word-vocabulary model (AMFMN lineage), its vocabulary built from a small
+    caption file instead of the demo data."""
+    from utils.config import load_config
+
+    train = write_json(tmp_path / "train.json", [{"image": f"{i}.png", "caption": c, "image_id": i}
+                                                  for i, c in enumerate(WORD_MODEL_CAPTIONS)])
+    return load_config(ROOT / "configs" / f"demo_{model}.yaml", ["synthetic_data=null", f"train_file=[{train}]",
+                                                                 *overrides])
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small procedural dataset (10 classes x 8/2/2 images, 32 px) with its vocab.txt."""

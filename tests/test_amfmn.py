@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import SHARED_DATASETS, write_json
+from conftest import SHARED_DATASETS, word_model_config, write_json
 from test_skipthoughts import theano_params, write_original
 from dataset.annotations import TrainAnnotations
 from dataset.captions import ENGLISH_STOP_WORDS, word_tokens
@@ -42,13 +42,7 @@ RSITMD_VOCAB = SHARED_DATASETS / "RSITMD" / "vocab" / "rsitmd_splits_vocab.json"
 
 
 def amfmn_config(tmp_path: Path, *overrides: str) -> dict:
-    """configs/demo_amfmn.yaml with a vocabulary built from a small caption file."""
-    captions = ["A white plane is parked beside the runway.", "Two white planes near the runway",
-                "a red roof beside the green lawn", "many cars park beside the road ."]
-    train = write_json(tmp_path / "train.json", [{"image": f"{i}.png", "caption": c, "image_id": i}
-                                                  for i, c in enumerate(captions)])
-    return load_config(ROOT / "configs" / "demo_amfmn.yaml", ["synthetic_data=null", f"train_file=[{train}]",
-                                                              *overrides])
+    return word_model_config(tmp_path, "amfmn", *overrides)
 
 
 # --- words

@@ -1,31 +1,20 @@
 """2 gloo processes under torchrun give the same losses and gradients as 1 process on the same global batch."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_gloo_worker
+
 WORKER = Path(__file__).with_name("dist_loss_worker.py")
-
-
-def run_worker(output: Path, processes: int) -> dict[str, dict[str, torch.Tensor]]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
-    result = subprocess.run([*launcher, str(WORKER), str(output)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return torch.load(output, weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     folder = tmp_path_factory.mktemp("dist")
-    return run_worker(folder / "one.pt", 1), run_worker(folder / "two.pt", 2)
+    return run_gloo_worker(WORKER, folder / "one.pt", 1), run_gloo_worker(WORKER, folder / "two.pt", 2)
 
 
 @pytest.mark.parametrize("mode", ["stage1 local", "stage1 gathered", "stage2 weighted"])

@@ -6,7 +6,6 @@ Masks and images are real PNGs written into ``tmp_path``; the two real RSITMD-SS
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from conftest import ROOT, SHARED_DATASETS, write_json
+from conftest import SHARED_DATASETS, prepare_data_main, write_json
 from dataset import check_split_images, create_eval_split, create_train_loader, mask_class_weights, synthetic
 from dataset.annotations import DataError, load_eval_annotations, load_train_annotations
 from dataset.masks import (CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, MaskError, class_shares, class_weights,
@@ -422,11 +421,7 @@ def test_class_shares_in_percent() -> None:
 
 @pytest.fixture(scope="module")
 def tool_main() -> Callable[[list[str]], int]:
-    """tools/prepare_data.py's ``main``, imported from its file as the user runs it."""
-    spec = importlib.util.spec_from_file_location("prepare_data_masks", ROOT / "tools" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return prepare_data_main("prepare_data_masks")
 
 
 @pytest.fixture()

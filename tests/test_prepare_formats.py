@@ -8,7 +8,6 @@ tests/test_prepare_data.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import prepare_data_main
 from dataset.annotations import DataError, load_eval_annotations, load_train_annotations, rule_weights
 from dataset.captions import pre_caption
 from dataset.preparation import (HARD, PreparationError, PrepareOptions, Prepared, prepare_dataset, read_coco,
@@ -867,11 +866,7 @@ def test_format_error_names_the_file(tmp_path: Path, case_name: str) -> None:
 
 @pytest.fixture(scope="module")
 def cli_main() -> Callable[[list[str]], int]:
-    """tools/prepare_data.py's ``main``, imported from its file as the user runs it."""
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", ROOT / "tools" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return prepare_data_main("prepare_data_tool")
 
 
 def cli_source(tmp_path: Path, blank: bool = False) -> Path:

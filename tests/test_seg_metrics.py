@@ -2,15 +2,13 @@
 ``metrics.py`` (``Evaluator``), batching, errors, and the meter's sum over 2 gloo processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_gloo_worker
 from utils.seg_metrics import SEG_KEYS, SegmentationMeter, confusion_matrix, segmentation_scores
 
 WORKER = Path(__file__).with_name("dist_seg_worker.py")
@@ -167,20 +165,10 @@ def test_bad_inputs_are_errors() -> None:
         SegmentationMeter(4, "cpu").update(torch.randn(2, 3, 5), torch.zeros(2, 5, dtype=torch.long))
 
 
-def run_worker(output: Path, processes: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
-    result = subprocess.run([*launcher, str(WORKER), str(output)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return torch.load(output, weights_only=True)
-
-
 def test_two_gloo_processes_sum_to_the_one_process_matrix(tmp_path: Path) -> None:
     """Each of 2 processes counts its share of the batches; the meter's all-reduce gives every process the
     matrix (and scores) of one process that saw them all, and leaves its own counts as they were."""
-    one, two = run_worker(tmp_path / "one.pt", 1), run_worker(tmp_path / "two.pt", 2)
+    one, two = run_gloo_worker(WORKER, tmp_path / "one.pt", 1), run_gloo_worker(WORKER, tmp_path / "two.pt", 2)
     assert torch.equal(one["local"], one["confusion"])
     assert 0 < int(two["local"].sum()) < int(one["confusion"].sum())  # rank 0 saw only its share
     assert torch.equal(two["confusion"], one["confusion"])

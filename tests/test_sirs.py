@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import write_json
+from conftest import word_model_config, write_json
 from dataset.annotations import TrainAnnotations
 from dataset.masks import load_mask
 from models import build_model
@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sirs_config(tmp_path: Path, *overrides: str) -> dict:
-    """configs/demo_sirs.yaml with a vocabulary built from a small caption file."""
-    captions = ["A white plane is parked beside the runway.", "a river crosses green fields",
-                "a red roof beside the green lawn", "many boats in the harbour ."]
-    train = write_json(tmp_path / "train.json", [{"image": f"{i}.png", "caption": c, "image_id": i}
-                                                  for i, c in enumerate(captions)])
-    return load_config(ROOT / "configs" / "demo_sirs.yaml", ["synthetic_data=null", f"train_file=[{train}]",
-                                                             *overrides])
+    return word_model_config(tmp_path, "sirs", *overrides)
 
 
 def released_decoder(decoder: SegmentationDecoder, stages: list[torch.Tensor]) -> torch.Tensor:
