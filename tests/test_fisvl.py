@@ -327,9 +327,11 @@ def test_objective_computes_every_term_and_weights_the_active_stage() -> None:
 
 
 def test_fisvl_demo_trains_far_above_chance_and_logs_the_stage_switch(tmp_path: Path) -> None:
-    """configs/demo_fisvl.yaml (shortened to 4 epochs, the switch at epoch 2) through run.py, data in tmp_path."""
+    """configs/demo_fisvl.yaml (shortened to 4 epochs, the switch at epoch 2, 50 training images per class)
+    through run.py, data in tmp_path."""
     data, out = tmp_path / "data", tmp_path / "out"
-    paths = [f"synthetic_data.root={data}", f"train_file=[{data}/demo_train.json]", f"val_file={data}/demo_val.json",
+    paths = [f"synthetic_data.root={data}", "synthetic_data.train_per_class=50", f"train_file=[{data}/demo_train.json]",
+             f"val_file={data}/demo_val.json",
              f"test_file={data}/demo_test.json", f"image_root={data}/images", f"text_encoder={data}/tokenizer"]
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--output_dir", str(out), "--dist", "cpu", *paths,
                              "schedular.epochs=4", "stages.1.start_epoch=2"],
