@@ -45,6 +45,19 @@ def write_json(path: Path, data: object) -> Path:
     return path
 
 
+TIMING_KEYS = {"train_time_s", "samples_per_s", "max_mem_mb"}  # log.txt values that differ between equal runs
+
+
+def read_log(output_dir: Path) -> tuple[list[dict], dict]:
+    """A run's log.txt: the epoch records and the closing summary line."""
+    lines = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+    return lines[:-1], lines[-1]
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
 def run_gloo_worker(worker: Path, output: Path, processes: int) -> dict:
     """Run a test worker script alone, or as ``processes`` gloo processes under torchrun; it saves its results
     to ``output``, which is returned loaded."""

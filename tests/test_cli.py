@@ -12,21 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import read_log, without_timing
+
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"train_time_s", "samples_per_s", "max_mem_mb"}
 
 
 def run_py(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "run.py"), *args]
-
-
-def read_log(output_dir: Path) -> tuple[list[dict], dict]:
-    lines = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
-    return lines[:-1], lines[-1]
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import run
+from conftest import read_log, without_timing
 from utils.config import ConfigError
 from utils.metrics import METRIC_KEYS
 from utils.protocol import mean_of_last_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"train_time_s", "samples_per_s", "max_mem_mb"}
 PAPER = ["protocol=mean_of_last_epochs_on_test", "protocol_last_epochs=2", "batch_size_train=80"]
 ENTRY, ENTRY_1 = "test_mean_of_last_2_epochs", "test_mean_of_last_1_epochs"
 LABEL = "paper protocol (SIRS): mean of the last 2 epochs on test — not a model selection"
@@ -39,15 +39,6 @@ def run_py(config: Path, output_dir: Path, *args: str) -> str:
     result = subprocess.run(command(config, output_dir, *args), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
-
-
-def read_log(folder: Path) -> tuple[list[dict], dict]:
-    lines = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
-    return lines[:-1], lines[-1]
-
-
-def without_timing(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 @pytest.fixture(scope="module")

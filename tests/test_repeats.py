@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import run
+from conftest import without_timing
 from utils.repeats import plan_repeats
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"train_time_s", "samples_per_s", "max_mem_mb"}
 
 
 def run_py(config: Path, output_dir: Path, *args: str, **kwargs: object) -> subprocess.CompletedProcess:
@@ -32,8 +32,8 @@ def log_records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
 
 
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in records]
+def records_without_timing(records: list[dict]) -> list[dict]:
+    return [without_timing(record) for record in records]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_resume_finishes_only_the_unfinished_run(repeated: tuple[Path, str], tin
     result = run_py(tiny_config_path, tmp_path, "--repeats", "2", "--seed", "7", "--resume")
     assert "run_0 finished earlier (seed 7): skipped" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert without_timing(log_records(tmp_path / "run_1")) == without_timing(log_records(out / "run_1"))
+    assert records_without_timing(log_records(tmp_path / "run_1")) == records_without_timing(log_records(out / "run_1"))
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
 
 
