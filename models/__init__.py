@@ -8,7 +8,7 @@ from typing import Any
 from ._registry import get_loss, get_model_builder, list_losses, list_models, register_loss, register_model
 from .base import RetrievalModel
 from . import losses, objective  # noqa: F401  (register the losses and their config keys)
-from . import amfmn, dual_encoder, fisvl, pir, sirs  # noqa: F401  (register the models and their config keys)
+from . import amfmn, clip, dual_encoder, fisvl, fisvl_clip, pir, sirs  # noqa: F401  (register the models and their config keys)
 from . import evaluation  # noqa: F401  (declares the re-rank keys every model's evaluation reads)
 from .inference import Retriever, load_retriever
 from .text import TextProcessor

@@ -65,8 +65,9 @@ class DualEncoder(RetrievalModel):
             raise ValueError(f"{config['text_encoder']}/vocab.txt has {self.text_processor.vocab_size} tokens but "
                              f"{describe(config['text_config'])} sets vocab_size {self.text_encoder.config.vocab_size}")
         self.train_transform, self.eval_transform = train_transform(config), test_transform(config)
-        self.vision_proj = nn.Linear(self.vision_encoder.width, config["embed_dim"])
-        self.text_proj = nn.Linear(self.text_encoder.width, config["embed_dim"])
+        self.embed_dim = config["embed_dim"]
+        self.vision_proj = nn.Linear(self.vision_encoder.width, self.embed_dim)
+        self.text_proj = nn.Linear(self.text_encoder.width, self.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config["temp1"])))
         self.use_attention_mask = config["text_attention_mask"]
         if config["grad_checkpointing"]:

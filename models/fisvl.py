@@ -23,7 +23,8 @@ from utils.weights import Remapped, StateDict, with_prefix
 
 from ._registry import register_model
 from .fusion import SFGS, GraphReasoning
-from .prior import PriorDualEncoder, fusion_steps
+from .dual_encoder import DualEncoder
+from .prior import PriorCNN, fusion_steps
 from .text import TextProcessor
 
 register_keys("FISVL (fisvl)", {
@@ -34,20 +35,22 @@ register_keys("FISVL (fisvl)", {
 })
 
 
-class FISVL(PriorDualEncoder):
-    """Ablation switches: ``fgis`` (the whole fusion), ``sfgs`` (frozen / trainable / off), ``img_gcn_step``,
-    ``finetune_conv`` and ``conv_bn_train_mode`` (the frozen CNN's BatchNorm as published, or in eval mode);
-    ``init: published`` starts the graph steps equal and SFGS as the published ResNet initialises it."""
+class FGIS(PriorCNN):
+    """The FGIS block as a mixin before a model's towers in the bases (``FISVL``, ``FISVLClip``): the prior CNN's
+    nodes, the graph steps and ``head_img``; :meth:`fuse` refines a pooled image embedding with the image's tokens.
+    ``fgis: false`` builds none of it; ``use_prior`` (the CNN and SFGS nodes) is the subclass's to choose."""
 
-    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None) -> None:
-        super().__init__(config, text_processor, use_prior=config["fgis"])
-        if not self.use_prior:
+    def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
+                 use_prior: bool = True) -> None:
+        self.use_fgis = config["fgis"]
+        super().__init__(config, text_processor, use_prior=self.use_fgis and use_prior)
+        if not self.use_fgis:
             return
-        dim = config["embed_dim"]
+        dim = self.embed_dim
         published = config["init"] == "published"
         self.sfgs_trainable = config["sfgs"] == "trainable"
         self.sfgs = None
-        if config["sfgs"] != "off":
+        if self.use_prior and config["sfgs"] != "off":
             self.sfgs = SFGS(self.conv_encoder.stem_channels, dim, config["dropout_r"]).requires_grad_(self.sfgs_trainable)
             if published:
                 self.sfgs.init_as_published()
@@ -62,6 +65,8 @@ class FISVL(PriorDualEncoder):
 
     def prior_nodes(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The CNN global token and, with SFGS, the fine-grained token; frozen parts run without autograd."""
+        if not self.use_prior:
+            return []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune_conv):
             stem, pooled = self.conv_encoder.forward_prior(images)
         nodes = [self.fgis_dropout(self.conv_proj(pooled))]
@@ -70,17 +75,27 @@ class FISVL(PriorDualEncoder):
                 nodes.append(self.sfgs(stem))
         return nodes
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vision_proj(self.vision_encoder.forward_tokens(images))  # [B, 1 + L, d]
-        pooled = tokens[:, 0]
-        if not self.use_prior:
+    def fuse(self, images: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """L2norm(pooled + Dropout(head_img(GR^K([prior nodes; pooled; tokens])[pooled node]))) for ``pooled``
+        ``[B, d]`` and ``tokens`` ``[B, L, d]``; L2norm(pooled) without FGIS."""
+        if not self.use_fgis:
             return F.normalize(pooled, dim=-1)
         prior = self.prior_nodes(images)
-        nodes = torch.cat([torch.stack(prior, 1), tokens], 1)
+        nodes = torch.cat([*(node[:, None] for node in prior), pooled[:, None], tokens], 1)
         for step in self.img_gcn:
             nodes = step(nodes)
-        fused = nodes[:, len(prior)]  # the Swin pooled-token node
+        fused = nodes[:, len(prior)]  # the pooled-token node
         return F.normalize(pooled + self.fgis_dropout(self.head_img(fused)), dim=-1)
+
+
+class FISVL(FGIS, DualEncoder):
+    """Ablation switches: ``fgis`` (the whole fusion), ``sfgs`` (frozen / trainable / off), ``img_gcn_step``,
+    ``finetune_conv`` and ``conv_bn_train_mode`` (the frozen CNN's BatchNorm as published, or in eval mode);
+    ``init: published`` starts the graph steps equal and SFGS as the published ResNet initialises it."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vision_proj(self.vision_encoder.forward_tokens(images))  # [B, 1 + L, d]
+        return self.fuse(images, tokens[:, 0], tokens[:, 1:])
 
     def remap_checkpoint(self, state: StateDict) -> Remapped:
         """Released FISVL checkpoints keep SFGS inside the ResNet (``conv_encoder.loc_fea1.*``); it moves to

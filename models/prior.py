@@ -1,5 +1,5 @@
-"""A dual encoder with a frozen prior CNN beside its Swin: the base of FISVL (the CNN's global token joins
-the graph of FGIS) and PIR (the CNN's pooled features are VIR's instruction vector).
+"""A frozen prior CNN beside a model's image tower: the base of FISVL (the CNN's global token joins the graph
+of FGIS), of FISVL on CLIP, and of PIR (the CNN's pooled features are VIR's instruction vector).
 
 Both published models build a torchvision ResNet, freeze it (``finetune_conv: False``) and still put it in
 train mode with the rest of the model, so its BatchNorm uses batch statistics; both copy one fusion block
@@ -17,6 +17,7 @@ from torch import nn
 from utils.config import Key, register_keys
 from utils.weights import WeightsError, patterns_under
 
+from .base import RetrievalModel
 from .dual_encoder import DualEncoder
 from .encoders.resnet import ResNetEncoder
 from .loading import random_init
@@ -47,11 +48,13 @@ def fusion_steps(make: Callable[[], nn.Module], count: int, published: bool) -> 
     return nn.ModuleList(copy.deepcopy(block) for _ in range(count))
 
 
-class PriorDualEncoder(DualEncoder):
-    """``conv_encoder`` (a frozen torchvision ResNet, ``ResNetEncoder``) and ``conv_proj`` beside the dual encoder's
-    towers, built when ``use_prior``; loading, freezing and the train/eval mode of the frozen parts."""
+class PriorCNN(RetrievalModel):
+    """``conv_encoder`` (a frozen torchvision ResNet, ``ResNetEncoder``) and ``conv_proj`` (to the model's
+    ``embed_dim``) beside a model's towers, built when ``use_prior``; loading, freezing and the train/eval mode of
+    the frozen parts. A mixin: it comes before the towers' class in the bases (``PriorDualEncoder``)."""
 
-    encoder_names = ("vision_encoder", "text_encoder", "conv_encoder")
+    encoder_names = ("conv_encoder",)
+    embed_dim: int
 
     def __init__(self, config: dict[str, Any], text_processor: TextProcessor | None = None,
                  use_prior: bool = True) -> None:
@@ -62,13 +65,13 @@ class PriorDualEncoder(DualEncoder):
         self.finetune_conv = config["finetune_conv"]
         self.conv_bn_train_mode = config["conv_bn_train_mode"]
         self.conv_encoder = ResNetEncoder(config["conv_arch"]).requires_grad_(self.finetune_conv)
-        self.conv_proj = nn.Linear(self.conv_encoder.width, config["embed_dim"])
+        self.conv_proj = nn.Linear(self.conv_encoder.width, self.embed_dim)
 
     def frozen_parts(self) -> list[nn.Module]:
         """Parts that are built but not trained; ``conv_bn_train_mode: false`` keeps them in eval mode."""
         return [self.conv_encoder] if self.use_prior and not self.finetune_conv else []
 
-    def train(self, mode: bool = True) -> "PriorDualEncoder":
+    def train(self, mode: bool = True) -> "PriorCNN":
         """As published, ``train()`` also puts the frozen parts in train mode: batch statistics, drifting running
         statistics, active dropout. ``conv_bn_train_mode: false`` keeps them in eval mode instead."""
         super().train(mode)
@@ -98,3 +101,7 @@ class PriorDualEncoder(DualEncoder):
             raise WeightsError(f"resnet_ckpt not found: {path} (the prior CNN's weights, e.g. RSP's "
                                f"aid_28-rsp-resnet-50-ckpt.pth; see the README's weights section)")
         self.conv_encoder.load_pretrained(path, patterns_under(config["allow_missing_weights"], "conv_encoder."))
+
+
+class PriorDualEncoder(PriorCNN, DualEncoder):
+    """The Swin + BERT dual encoder with the prior CNN (PIR; FISVL through FGIS)."""

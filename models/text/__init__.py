@@ -10,9 +10,10 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .bert import BertWordPieceProcessor, TokenizerError, build_tokenizer
+from .clip_tokenizer import ClipTokenizerProcessor
 from .vocab import VocabularyError, WordVocabProcessor
 
-__all__ = ["BertWordPieceProcessor", "TextProcessor", "TokenizerError", "VocabularyError", "WordVocabProcessor",
+__all__ = ["BertWordPieceProcessor", "ClipTokenizerProcessor", "TextProcessor", "TokenizerError", "VocabularyError", "WordVocabProcessor",
            "build_tokenizer", "processor_from_state"]
 
 
@@ -22,7 +23,8 @@ class TextProcessor(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-_KINDS: dict[str, Any] = {processor.kind: processor for processor in (BertWordPieceProcessor, WordVocabProcessor)}
+_KINDS: dict[str, Any] = {processor.kind: processor for processor in (BertWordPieceProcessor, ClipTokenizerProcessor,
+                                                               WordVocabProcessor)}
 
 
 def processor_from_state(state: dict[str, Any]) -> TextProcessor:
