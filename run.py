@@ -40,6 +40,9 @@ TASKS = {
     "itr_rsicd_amfmn": "configs/Retrieval_rsicd_amfmn.yaml",
     "itr_rsitmd_sirs": "configs/Retrieval_rsitmd_sirs.yaml",
     "itr_rsicd_sirs": "configs/Retrieval_rsicd_sirs.yaml",
+    "itr_rsitmd_clip": "configs/Retrieval_rsitmd_clip.yaml",
+    "itr_rsicd_clip": "configs/Retrieval_rsicd_clip.yaml",
+    "itr_rsitmd_fisvl_clip": "configs/Retrieval_rsitmd_fisvl_clip.yaml",
 }
 
 # PIR/X-VLM --dist presets: visible GPUs and processes per node. gpuN (one process on GPU N) and cpu are
