@@ -9,6 +9,7 @@ Each epoch trains, evaluates val (and test), keeps ``checkpoint_best.pth`` by va
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -24,9 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils.distributed as dist_utils
 from dataset import EvalSplit, check_split_images, create_eval_split, create_train_loader, prepare_synthetic_data
+from dataset.images import ImageDecoding, load_rgb
 from models import RetrievalModel, build_model
 from models.loading import initialise_from_checkpoint, load_for_evaluation, untrained_parts
-from models.evaluation import check_rerank, evaluate_split
+from models.evaluation import check_rerank, evaluate_scores, evaluate_split
 from models.inference import checkpoint_payload
 from models.objective import RetrievalObjective, build_objective
 from models.task import RetrievalTask
@@ -38,7 +40,8 @@ from utils.checkpoint import (load_checkpoint, remove_stale_temporaries, rng_sta
 from utils.config import dump_config, load_config
 from utils.finite import NonFiniteError, describe_step, grad_norm, non_finite_tensors, step_is_finite
 from utils.logger import Progress, TensorBoard, log_failure, max_memory_mb, setup_logging
-from utils.metrics import METRIC_KEYS, chance_metrics
+from utils.figures import plot_image_to_text, plot_recall_curves, plot_text_to_image, plot_training_curves
+from utils.metrics import METRIC_KEYS, chance_metrics, retrieval_ranks
 from utils.precision import autocast, grad_scaler
 from utils.protocol import PAPER_PROTOCOL, check_protocol, entry_name, label, mean_of_last_epochs, paper_epochs
 from utils.seg_metrics import SEG_KEYS
@@ -279,7 +282,9 @@ def evaluate_only(args: argparse.Namespace, config: dict[str, Any], device: torc
     weights = evaluated_weights(args, config, model, start_from)
     split = create_eval_split(config, args.split, device, model.eval_transform, problems)
     claim_run_folder(output_dir, config, info)
-    metrics = evaluate_split(model, split, config, device)
+    metrics, scores = evaluate_scores(model, split, config, device)
+    if info.is_main and config["figures"]:
+        write_split_figures(output_dir, split, scores, config, f"{weights['weights']} weights")
     if info.is_main:
         chance = chance_metrics(split.annotations.img2txt, len(split.annotations.texts))
         result = {"split": args.split, **weights, "rerank": config["rerank"],
@@ -292,6 +297,26 @@ def evaluate_only(args: argparse.Namespace, config: dict[str, Any], device: torc
                  format_table({args.split: metrics, "chance": chance}),
                  f"\nsegmentation:\n{segmentation}" if segmentation else "")
     return metrics
+
+
+def figure_folder(output_dir: Path) -> Path:
+    folder = output_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def write_split_figures(output_dir: Path, split: EvalSplit, scores: tuple[torch.Tensor, torch.Tensor | None],
+                        config: dict[str, Any], title: str) -> None:
+    """Recall@K curves and the qualitative sheets of a split's scores, in ``output_dir/figures/``."""
+    folder, annotations = figure_folder(output_dir), split.annotations
+    sims, t2i_sims = scores
+    i2t_ranks, t2i_ranks = retrieval_ranks(sims, annotations.img2txt, annotations.txt2img, t2i_sims=t2i_sims)
+    plot_recall_curves(i2t_ranks, t2i_ranks, folder / f"{split.name}_recall_at_k.png", title=f"{split.name}, {title}")
+    load = functools.partial(load_rgb, decoding=ImageDecoding.from_config(config["image_decode"]))
+    plot_text_to_image(sims if t2i_sims is None else t2i_sims, annotations.texts, annotations.image_paths,
+                       annotations.txt2img, load, folder / f"{split.name}_text_to_image.png", config["figure_queries"])
+    plot_image_to_text(sims, annotations.texts, annotations.image_paths, annotations.img2txt, load,
+                       folder / f"{split.name}_image_to_text.png", config["figure_queries"])
 
 
 def resume_training(saved: dict[str, Any], path: Path, task: RetrievalTask, optimizer: torch.optim.Optimizer,
@@ -384,12 +409,13 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
         record.update(stage=stages.index, stage_name=stage.name)
         evaluated = {"val": evaluate_split(model, splits["val"], config, device)}
         stages.observe(epoch, evaluated["val"]["r_mean"])
+        test_scores = None
         if config["eval_test_every_epoch"] or config["select_on"] == "test" or epoch in averaged:
-            evaluated["test"] = evaluate_split(model, splits["test"], config, device)
+            evaluated["test"], test_scores = evaluate_scores(model, splits["test"], config, device)
         metric = evaluated[config["select_on"]]["r_mean"]
         improved = metric > state.best_metric
         if improved and "test" not in evaluated:  # the selected checkpoint always has its test score
-            evaluated["test"] = evaluate_split(model, splits["test"], config, device)
+            evaluated["test"], test_scores = evaluate_scores(model, splits["test"], config, device)
         for split_name, metrics in evaluated.items():
             record.update(metric_row(split_name, metrics))
         record["epoch"] = epoch
@@ -410,6 +436,10 @@ def train(args: argparse.Namespace, config: dict[str, Any], device: torch.device
             footer = summary_lines(state, config) if state.epoch == epochs else []
             write_log(output_dir, state.history, footer)
             board.scalars({k: float(v) for k, v in record.items() if k not in ("epoch", "stage_name")}, epoch)
+            if config["figures"]:
+                plot_training_curves({output_dir.name: state.history}, figure_folder(output_dir) / "training_curves.png")
+                if improved:
+                    write_split_figures(output_dir, splits["test"], test_scores, config, f"epoch {epoch} (selected)")
             log.info("epoch %d: val r_mean %.2f%s%s (best %.2f at epoch %d)", epoch, evaluated["val"]["r_mean"],
                      f", test r_mean {evaluated['test']['r_mean']:.2f}" if "test" in evaluated else "",
                      "".join(f", {split} mIoU {scores['seg_miou']:.2f}" for split, scores in evaluated.items()

@@ -50,23 +50,36 @@ def embed_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
     return gather_uneven(images), gather_uneven(texts)
 
 
-def evaluate_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
-                   device: torch.device) -> dict[str, float]:
-    """R@1/5/10 both ways and ``r_mean`` of ``model`` on ``split`` (after the config's ``rerank``); adds
-    ``eval_time_s``."""
-    start = time.time()
+def score_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[n_images, n_texts]`` scores of every pair of ``split`` (after the config's ``rerank``), and the
+    scores text -> image ranks when a re-rank gives them apart (else ``None``); on every process."""
     image_emb, text_emb = embed_split(model, split, config, device)
     sims = similarity_matrix(model, image_emb, text_emb)
-    t2i_sims = None
-    if config["rerank"] == "galr_mr":
-        sims, t2i_sims = multivariate_rerank(sims, config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
-        log.info("%s: scores re-ranked by GaLR's multivariate re-rank (k %d, wp1 %g, wp2 %g)", split.name,
-                 config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
+    if config["rerank"] != "galr_mr":
+        return sims, None
+    log.info("%s: scores re-ranked by GaLR's multivariate re-rank (k %d, wp1 %g, wp2 %g)", split.name,
+             config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
+    return multivariate_rerank(sims, config["rerank_k"], config["rerank_wp1"], config["rerank_wp2"])
+
+
+def evaluate_scores(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
+                    device: torch.device) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor | None]]:
+    """R@1/5/10 both ways and ``r_mean`` of ``model`` on ``split`` (plus ``eval_time_s``, and the segmentation
+    metrics of a model that segments on a split with masks), and the scores they were computed from."""
+    start = time.time()
+    sims, t2i_sims = score_split(model, split, config, device)
     metrics = retrieval_metrics(sims, split.annotations.img2txt, split.annotations.txt2img, t2i_sims)
     if model.seg_classes and split.annotations.mask_paths is not None:
         metrics.update(segmentation_metrics(model, split, config, device))
     metrics["eval_time_s"] = time.time() - start
-    return metrics
+    return metrics, (sims, t2i_sims)
+
+
+def evaluate_split(model: RetrievalModel, split: EvalSplit, config: dict[str, Any],
+                   device: torch.device) -> dict[str, float]:
+    """The metrics of :func:`evaluate_scores` alone."""
+    return evaluate_scores(model, split, config, device)[0]
 
 
 @torch.no_grad()

@@ -169,6 +169,11 @@ _EVALUATION: Section = {
                     choices=("select_on_val", "mean_of_last_epochs_on_test")),
     "protocol_last_epochs": Key((int,), 10, "mean_of_last_epochs_on_test: how many final epochs are averaged "
                                 "(SIRS: last_num_epochs_val, 10 of 35); 1..schedular.epochs"),
+    "figures": Key((bool,), True, "write PNG figures to output_dir/figures/: training curves each epoch, and for the "
+                   "test split at each newly selected epoch and with --evaluate, recall@K curves (K = 1..50) and "
+                   "qualitative sheets (top images per caption, top captions per image)"),
+    "figure_queries": Key((int,), 6, "captions and images sampled (evenly, the same in every run) for the "
+                          "qualitative sheets"),
     "print_freq": Key((int,), 50, "console progress line every N iterations"),
     "legacy_log_footer": Key((bool,), False, "also append X-VLM's `best epoch: N` line to log.txt"),
 }

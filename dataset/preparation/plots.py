@@ -1,7 +1,6 @@
 """PNG figures of a converted dataset, sized for the README's assets/: images per scene and caption lengths."""
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,17 +8,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from utils.checkpoint import write_bytes_atomic
+from utils.figures import save_figure
 
 from .labels import is_singleton
 
 SPLIT_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
-
-
-def _save(figure: Figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    write_bytes_atomic(buffer.getvalue(), path)
 
 
 def plot_scene_counts(name: str, splits: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -43,7 +36,7 @@ def plot_scene_counts(name: str, splits: dict[str, list[dict[str, Any]]], path: 
     axes.legend(loc="best")
     axes.tick_params(axis="y", labelsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_caption_lengths(name: str, words: dict[str, np.ndarray], path: Path) -> None:
@@ -60,4 +53,4 @@ def plot_caption_lengths(name: str, words: dict[str, np.ndarray], path: Path) ->
     axes.set_title(f"{name}: caption lengths")
     axes.legend()
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
