@@ -87,12 +87,16 @@ def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, 
     assert [a["query"] for a in answers] == captions
     assert all(len(a["results"]) == 10 and [r["rank"] for r in a["results"]] == list(range(1, 11)) for a in answers)
     assert set(answers[0]["results"][0]) == {"rank", "score", "path", "window", "crs", "bounds"}
-    found = np.mean([paths[owner] in {r["path"] for r in a["results"]} for a, owner in zip(answers, owners)])
+    found = [paths[owner] in {r["path"] for r in a["results"]} for a, owner in zip(answers, owners)]
 
     sims = retriever.similarity(index.embeddings, retriever.encode_texts(captions)).cpu()
     img2txt = [[t for t, owner in enumerate(owners) if owner == image] for image in order]
-    metrics = retrieval_metrics(sims, img2txt, [order.index(owner) for owner in owners])
-    assert 100 * found == pytest.approx(metrics["img_r10"], abs=1.0)
+    txt2img = [order.index(owner) for owner in owners]
+    metrics = retrieval_metrics(sims, img2txt, txt2img)
+    assert 100 * np.mean(found) == pytest.approx(metrics["img_r10"], abs=1.0)
+    rank_of_own_image = (sims > sims[txt2img, range(len(captions))]).sum(0)  # caption by caption, not only the mean
+    assert found == (rank_of_own_image < 10).tolist()
+    assert len({tuple(r["path"] for r in a["results"]) for a in answers}) > 1  # queries rank differently
 
 
 def test_contact_sheet_html_and_image_queries(test_index: Path, test_split: tuple, tmp_path: Path,
