@@ -146,7 +146,8 @@ def write_scene(path: Path, bands: int, dtype: str) -> None:
         dst.write(data)
 
 
-def test_geotiff_scenes_are_tiled_with_windows_and_bounds(checkpoint: Path, tmp_path: Path) -> None:
+def test_geotiff_scenes_are_tiled_with_windows_and_bounds(checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
     import rasterio
     from rasterio.windows import Window
 
@@ -175,6 +176,13 @@ def test_geotiff_scenes_are_tiled_with_windows_and_bounds(checkpoint: Path, tmp_
     index = load_index(folder)
     assert len(index.items) == 18 and index.manifest["files"] == 2
     assert [item.window for item in index.items[:9]] == [i.window for i in plan_file(str(scenes / "rgb.tif"), 256, 192)]
+
+    out = tmp_path / "report"
+    best = query_json(capsys, "--index", str(folder), "fields", "--top", "1", "--out", str(out))[0]["results"][0]
+    assert best["crs"] == "EPSG:32633" and len(best["window"]) == 4 and len(best["bounds"]) == 4
+    tile = load_rgb_window(best["path"], tuple(best["window"])).resize((160, 160))  # the tile, not the scene
+    assert np.array_equal(np.asarray(load_rgb(out / "thumbs" / "query_000_rank_001.png")), np.asarray(tile))
+    assert f"window {best['window']}" in (out / "query_000.html").read_text()
 
 
 def test_incremental_runs_embed_only_new_and_changed_files(checkpoint: Path, test_split: tuple, tmp_path: Path,
@@ -209,6 +217,9 @@ def test_incremental_runs_embed_only_new_and_changed_files(checkpoint: Path, tes
     capsys.readouterr()
     assert search_main()(["index", "--checkpoint", str(other), "--images", str(images), "--index", str(folder)]) == 1
     assert "was made with checkpoint" in capsys.readouterr().err
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", str(images), "--index", str(folder),
+                          "--stride", "128"]) == 1
+    assert "was made with --stride 192" in capsys.readouterr().err
 
 
 def test_a_corrupt_file_is_reported_and_skipped(checkpoint: Path, test_split: tuple, tmp_path: Path,
@@ -222,7 +233,9 @@ def test_a_corrupt_file_is_reported_and_skipped(checkpoint: Path, test_split: tu
     capsys.readouterr()
     assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", str(images), "--index",
                           str(tmp_path / "idx"), "--workers", "0"]) == 0
-    assert f"skipped: cannot decode image {images / 'truncated.png'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipped: cannot decode image {images / 'truncated.png'}" in err
+    assert "embedded 3/3 items" in err and "images/s, ETA" in err
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert [p["path"] for p in manifest["problems"]] == [str(images / "truncated.png")]
     assert manifest["items"] == 2
