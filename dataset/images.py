@@ -174,15 +174,27 @@ def _band_numbers(bands: tuple[int, ...] | None, count: int, path: str | Path) -
     return list(bands)
 
 
-def _raster_rgb(path: str | Path, decoding: ImageDecoding, why: str) -> Image.Image:
-    planes = _read_raster(path, decoding.bands, why)
+def load_rgb_window(path: str | Path, window: tuple[int, int, int, int],
+                    decoding: ImageDecoding | None = None) -> Image.Image:
+    """One ``(col_off, row_off, width, height)`` window of a raster (a tile of a large scene) as 8-bit RGB by
+    the rules of :class:`ImageDecoding`; only that window is read, so a scene never has to fit in memory. A
+    ``percentile`` stretch is computed over the window alone."""
+    return _raster_rgb(path, ImageDecoding() if decoding is None else decoding, "a window of a scene", window)
+
+
+def _raster_rgb(path: str | Path, decoding: ImageDecoding, why: str,
+                window: tuple[int, int, int, int] | None = None) -> Image.Image:
+    planes = _read_raster(path, decoding.bands, why, window)
     return _rgb(np.moveaxis(_to_uint8(planes, decoding), 0, -1))
 
 
-def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str) -> np.ndarray:
-    """The selected bands as (bands, height, width), in the file's dtype."""
+def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str,
+                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The selected bands as (bands, height, width), in the file's dtype: the whole raster, or one
+    ``(col_off, row_off, width, height)`` window of it."""
     import rasterio  # here, not at the top: 8-bit datasets never pay its 0.6 s import
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.windows import Window
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain images carry no georeference
@@ -197,7 +209,7 @@ def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str) -> n
         if not _SAMPLE_TYPES.issuperset(dtypes):
             raise ImageDecodeError(f"{path}: cannot decode {'/'.join(dtypes)} samples (only integers and floats)")
         try:
-            return source.read(numbers)
+            return source.read(numbers, window=None if window is None else Window(*window))
         except RasterioIOError as err:
             raise OSError(f"{path}: rasterio (GDAL) cannot read its samples: {err.__cause__ or err}") from err
 

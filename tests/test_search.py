@@ -1,0 +1,285 @@
+"""tools/search.py: indexing images and GeoTIFF tiles, incremental and resumed runs, bad files, FAISS choices,
+text / image queries and their reports, with real models built from the demo configs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from dataset.images import load_rgb, load_rgb_window
+from dataset.scenes import plan_file, tile_offsets
+from models import build_model, load_retriever
+from models.objective import build_objective
+from models.search_index import IndexOptions, load_index, update_index
+from Retrieval import model_state
+from scheduler import parse_stages
+from utils.config import load_config
+from utils.metrics import retrieval_metrics
+
+
+def search_main():
+    """tools/search.py's ``main``, imported from its file as the user runs it."""
+    spec = importlib.util.spec_from_file_location("search_tool", ROOT / "tools" / "search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def save_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
+    """A self-contained checkpoint of the model ``config`` builds (weights from ``seed``), as training writes."""
+    torch.manual_seed(seed)
+    model = build_model(config, pretrained=False)
+    torch.save(model_state(model, build_objective(config, parse_stages(config)), config, 0, 0.0, "val"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(load_config(tiny_config_path), tmp_path_factory.mktemp("ckpt") / "checkpoint.pth")
+
+
+@pytest.fixture(scope="module")
+def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
+    """The demo test images (absolute paths), their captions and each caption's image."""
+    entries = json.loads((demo_root / "demo_test.json").read_text())
+    paths = [str(demo_root / "images" / e["image"]) for e in entries]
+    captions = [c for e in entries for c in e["caption"]]
+    owners = [i for i, e in enumerate(entries) for _ in e["caption"]]
+    return paths, captions, owners
+
+
+@pytest.fixture(scope="module")
+def test_index(checkpoint: Path, test_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("index") / "idx"
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *test_split[0], "--index",
+                          str(folder), "--workers", "2", "--batch_size", "8", "--shard_size", "16"]) == 0
+    return folder
+
+
+def query_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
+    capsys.readouterr()
+    assert search_main()(["query", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, checkpoint: Path, test_split: tuple,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    paths, captions, owners = test_split
+    index = load_index(test_index)
+    assert [item.path for item in index.items] == sorted(paths) and len(index.manifest["shards"]) == 2
+    order = [paths.index(item.path) for item in index.items]
+    retriever = load_retriever(checkpoint)
+    assert torch.allclose(index.embeddings, retriever.encode_images(paths)[order], atol=2e-3)
+
+    (tmp_path / "queries.txt").write_text("\n".join(captions) + "\n")
+    answers = query_json(capsys, "--index", str(test_index), "--queries", str(tmp_path / "queries.txt"), "--top", "10")
+    assert [a["query"] for a in answers] == captions
+    assert all(len(a["results"]) == 10 and [r["rank"] for r in a["results"]] == list(range(1, 11)) for a in answers)
+    assert set(answers[0]["results"][0]) == {"rank", "score", "path", "window", "crs", "bounds"}
+    found = [paths[owner] in {r["path"] for r in a["results"]} for a, owner in zip(answers, owners)]
+
+    sims = retriever.similarity(index.embeddings, retriever.encode_texts(captions)).cpu()
+    img2txt = [[t for t, owner in enumerate(owners) if owner == image] for image in order]
+    txt2img = [order.index(owner) for owner in owners]
+    metrics = retrieval_metrics(sims, img2txt, txt2img)
+    assert 100 * np.mean(found) == pytest.approx(metrics["img_r10"], abs=1.0)
+    rank_of_own_image = (sims > sims[txt2img, range(len(captions))]).sum(0)  # caption by caption, not only the mean
+    assert found == (rank_of_own_image < 10).tolist()
+    assert len({tuple(r["path"] for r in a["results"]) for a in answers}) > 1  # queries rank differently
+
+
+def test_contact_sheet_html_and_image_queries(test_index: Path, test_split: tuple, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    paths = test_split[0]
+    out = tmp_path / "report"
+    answers = query_json(capsys, "--index", str(test_index), "a red roof", "--image", paths[3], "--top", "4",
+                         "--out", str(out))
+    assert answers[0]["query"] == "a red roof" and answers[1]["query"] == {"image": paths[3]}
+    assert answers[1]["results"][0]["path"] == paths[3] and answers[1]["results"][0]["score"] == pytest.approx(1, abs=1e-3)
+    for number in (0, 1):
+        sheet = out / f"query_{number:03d}.png"
+        assert sheet.is_file() and load_rgb(sheet).width > 0
+        page = (out / f"query_{number:03d}.html").read_text()
+        assert page.count("<img src=\"thumbs/") == 4
+        first = answers[number]["results"][0]["path"]
+        assert f'href="{os.path.relpath(first, out)}"' in page
+    assert search_main()(["query", "--index", str(test_index), "a red roof", "--top", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "query: a red roof" in table and table.count(".png") == 3
+
+
+def test_hnsw_and_ivf_give_the_exact_top1(test_index: Path, checkpoint: Path, test_split: tuple, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    texts = test_split[1][::5]
+    exact = query_json(capsys, "--index", str(test_index), *texts, "--top", "1")
+    for kind in ("hnsw", "ivf"):
+        folder = tmp_path / kind
+        shutil.copytree(test_index, folder)
+        assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *test_split[0], "--index",
+                              str(folder), "--faiss", kind, "--workers", "0"]) == 0
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["faiss"]["kind"] == kind
+        assert query_json(capsys, "--index", str(folder), *texts, "--top", "1") == exact
+    assert manifest["faiss"] == {"kind": "ivf", "nlist": 18, "nprobe": 16}
+
+
+def write_scene(path: Path, bands: int, dtype: str) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    top = 255 if dtype == "uint8" else 65535
+    data = rng.integers(0, top, size=(bands, 500, 600), endpoint=True).astype(dtype)
+    with rasterio.open(path, "w", driver="GTiff", width=600, height=500, count=bands, dtype=dtype,
+                       crs="EPSG:32633", transform=from_origin(500000.0, 4600000.0, 0.5, 0.5)) as dst:
+        dst.write(data)
+
+
+def test_geotiff_scenes_are_tiled_with_windows_and_bounds(checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    import rasterio
+    from rasterio.windows import Window
+
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    write_scene(scenes / "rgb.tif", 3, "uint8")
+    write_scene(scenes / "rgbn16.tif", 4, "uint16")
+    assert tile_offsets(600, 256, 192) == [0, 192, 344] and tile_offsets(500, 256, 192) == [0, 192, 244]
+    assert tile_offsets(200, 256, 192) == [0] and tile_offsets(512, 256, 256) == [0, 256]
+
+    items = plan_file(str(scenes / "rgbn16.tif"), 256, 192)
+    assert [item.window for item in items] == [(c, r, 256, 256) for r in (0, 192, 244) for c in (0, 192, 344)]
+    with rasterio.open(scenes / "rgbn16.tif") as src:
+        assert all(item.bounds == tuple(src.window_bounds(Window(*item.window))) for item in items)
+    assert items[0].crs == "EPSG:32633" and items[0].bounds == (500000.0, 4600000.0 - 128, 500128.0, 4600000.0)
+    assert [i.window for i in plan_file(str(scenes / "rgb.tif"), 0, 192)] == [None]
+
+    whole = np.asarray(load_rgb(scenes / "rgbn16.tif"))  # the project's decoding: bands 1-3, 16 bits to 8
+    col, row, width, height = items[4].window
+    assert np.array_equal(np.asarray(load_rgb_window(scenes / "rgbn16.tif", items[4].window)),
+                          whole[row:row + height, col:col + width])
+
+    folder = tmp_path / "idx"
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", str(scenes / "*.tif"), "--index",
+                          str(folder), "--workers", "0"]) == 0
+    index = load_index(folder)
+    assert len(index.items) == 18 and index.manifest["files"] == 2
+    assert [item.window for item in index.items[:9]] == [i.window for i in plan_file(str(scenes / "rgb.tif"), 256, 192)]
+
+    out = tmp_path / "report"
+    best = query_json(capsys, "--index", str(folder), "fields", "--top", "1", "--out", str(out))[0]["results"][0]
+    assert best["crs"] == "EPSG:32633" and len(best["window"]) == 4 and len(best["bounds"]) == 4
+    tile = load_rgb_window(best["path"], tuple(best["window"])).resize((160, 160))  # the tile, not the scene
+    assert np.array_equal(np.asarray(load_rgb(out / "thumbs" / "query_000_rank_001.png")), np.asarray(tile))
+    assert f"window {best['window']}" in (out / "query_000.html").read_text()
+
+
+def test_incremental_runs_embed_only_new_and_changed_files(checkpoint: Path, test_split: tuple, tmp_path: Path,
+                                                           tiny_config_path: Path, capsys: pytest.CaptureFixture
+                                                           ) -> None:
+    folder, images = tmp_path / "idx", tmp_path / "images"
+    images.mkdir()
+    for path in test_split[0][:3]:
+        shutil.copy(path, images)
+    retriever = load_retriever(checkpoint)
+    options = IndexOptions(workers=0, shard_size=2)
+
+    def run(*keys: str) -> dict:
+        summary = update_index(folder, checkpoint, [str(images)], retriever, options, log=lambda line: None)
+        return {k: summary[k] for k in keys}
+
+    assert run("embedded") == {"embedded": 3}
+    shutil.copy(test_split[0][3], images / "added.png")
+    assert run("kept", "dropped", "embedded", "items") == {"kept": 3, "dropped": 0, "embedded": 1, "items": 4}
+    changed = images / Path(test_split[0][0]).name
+    before = load_index(folder).embeddings[[i.path for i in load_index(folder).items].index(str(changed))]
+    shutil.copy(test_split[0][5], changed)
+    assert run("kept", "dropped", "embedded") == {"kept": 3, "dropped": 1, "embedded": 1}
+    index = load_index(folder)
+    after = index.embeddings[[i.path for i in index.items].index(str(changed))]
+    assert not torch.allclose(before, after) and len(index.items) == 4
+    (images / "added.png").unlink()
+    assert run("dropped", "embedded", "items") == {"dropped": 1, "embedded": 0, "items": 3}
+    assert str(images / "added.png") not in {i.path for i in load_index(folder).items}
+
+    other = save_checkpoint(load_config(tiny_config_path), tmp_path / "other.pth", seed=1)
+    capsys.readouterr()
+    assert search_main()(["index", "--checkpoint", str(other), "--images", str(images), "--index", str(folder)]) == 1
+    assert "was made with checkpoint" in capsys.readouterr().err
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", str(images), "--index", str(folder),
+                          "--stride", "128"]) == 1
+    assert "was made with --stride 192" in capsys.readouterr().err
+
+
+def test_a_corrupt_file_is_reported_and_skipped(checkpoint: Path, test_split: tuple, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in test_split[0][:2]:
+        shutil.copy(path, images)
+    data = Path(test_split[0][2]).read_bytes()
+    (images / "truncated.png").write_bytes(data[:len(data) // 2])
+    capsys.readouterr()
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", str(images), "--index",
+                          str(tmp_path / "idx"), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped: cannot decode image {images / 'truncated.png'}" in err
+    assert "embedded 3/3 items" in err and "images/s, ETA" in err
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert [p["path"] for p in manifest["problems"]] == [str(images / "truncated.png")]
+    assert manifest["items"] == 2
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_index(checkpoint: Path, demo_root: Path, tmp_path: Path) -> None:
+    argv = ["index", "--checkpoint", str(checkpoint), "--images", str(demo_root / "images"), "--workers", "0",
+            "--batch_size", "2", "--shard_size", "2"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "search.py"), *argv, "--index", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "shard_000000.npy").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not json.loads((killed / "manifest.json").read_text())["complete"]
+    with pytest.raises(ValueError, match="incomplete"):
+        load_index(killed)
+    written = len(list(killed.glob("shard_*.npy")))
+    assert 1 <= written < 60
+
+    assert search_main()([*argv, "--index", str(killed)]) == 0
+    assert search_main()([*argv, "--index", str(tmp_path / "whole")]) == 0
+    resumed, whole = load_index(killed), load_index(tmp_path / "whole")
+    assert resumed.items == whole.items and len(whole.items) == 120
+    assert torch.equal(resumed.embeddings, whole.embeddings)
+
+
+def test_a_pairwise_model_queries_through_its_similarity(demo_root: Path, test_split: tuple, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    config = load_config(ROOT / "configs" / "demo_amfmn.yaml", [
+        "synthetic_data=null", f"train_file=[{demo_root}/demo_train.json]", f"image_root={demo_root}/images"])
+    checkpoint = save_checkpoint(config, tmp_path / "amfmn.pth")
+    paths, captions = test_split[0][:6], test_split[1][:3]
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *paths, "--index",
+                          str(tmp_path / "idx"), "--workers", "0"]) == 0
+    index = load_index(tmp_path / "idx")
+    assert index.faiss is None and not (tmp_path / "idx" / "faiss.index").exists()
+    answers = query_json(capsys, "--index", str(tmp_path / "idx"), *captions, "--top", "6")
+
+    retriever = load_retriever(checkpoint)
+    sims = retriever.similarity(index.embeddings, retriever.encode_texts(captions)).cpu()
+    for answer, column in zip(answers, sims.t()):
+        expected = [index.items[i].path for i in column.argsort(descending=True).tolist()]
+        assert [r["path"] for r in answer["results"]] == expected
+        assert [r["score"] for r in answer["results"]] == pytest.approx(sorted(column.tolist(), reverse=True), abs=1e-5)
