@@ -833,7 +833,7 @@ def test_encoders_without_weights_need_allow_random_init(tiny_config_path: Path,
     with pytest.raises(ValueError) as failure:
         build_model(config, pretrained=False)
     assert str(failure.value) == ("allow_random_init names ['vision']; the encoders of the registered models are "
-                                  "conv_encoder, image_encoder, text_encoder, vision_encoder")
+                                  "clip, conv_encoder, image_encoder, text_encoder, vision_encoder")
 
 
 def test_allow_missing_weights_patterns_reach_the_encoder_loads(tiny_config_path: Path, tmp_path: Path) -> None:
