@@ -57,7 +57,7 @@ class CLIPModel(RetrievalModel):
         self.arch_name, self.arch_config = architecture(config["clip_model"])
         self.quick_gelu = uses_quick_gelu(self.arch_name, self.arch_config, config["clip_quick_gelu"])
         self.clip, self.train_transform, self.eval_transform = build_clip(
-            self.arch_name, config["clip_quick_gelu"], config["image_res"])
+            self.arch_name, self.quick_gelu, config["image_res"])
         self.embed_dim = int(self.arch_config["embed_dim"])
         self.text_processor = text_processor or ClipTokenizerProcessor(
             {"name": self.arch_name, "config": self.arch_config}, config["max_words"])

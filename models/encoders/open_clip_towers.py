@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import logging
 import re
@@ -67,7 +68,9 @@ def architecture(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     else:
         config = open_clip.get_model_config(spec)
         if config is None:
-            close = [m for m in open_clip.list_models() if spec.lower() in m.lower()][:8]
+            known = {m.lower(): m for m in open_clip.list_models()}
+            close = ([m for lower, m in known.items() if spec.lower() in lower][:8]
+                     or [known[m] for m in difflib.get_close_matches(spec.lower(), known, n=5)])
             raise ArchitectureError(f"clip_model: unknown open_clip architecture {spec!r}"
                                     + (f"; similar: {', '.join(close)}" if close else "")
                                     + " (open_clip.list_models() lists them; a model JSON path works too)")
@@ -171,7 +174,16 @@ def remap_clip_state(model: nn.Module, state: StateDict) -> Remapped:
         state = convert_to_custom_text_state_dict(state)
     if "logit_scale" in state and state["logit_scale"].shape != model.logit_scale.shape:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-    before = dict(state)
-    resize_pos_embed(state, model)
-    resize_text_pos_embed(state, model)
+    before, own = dict(state), model.state_dict()
+    # open_clip resizes the sequence length only (and asserts on another text width): a file of other widths
+    # is left to the load report, which names each tensor whose shape differs
+    if _same_width(state, own, "visual.positional_embedding"):
+        resize_pos_embed(state, model)
+    if _same_width(state, own, "positional_embedding") and _same_width(state, own, "text.positional_embedding"):
+        resize_text_pos_embed(state, model)
     return Remapped(state, resized=shape_changes(before, state))
+
+
+def _same_width(state: StateDict, own: StateDict, key: str) -> bool:
+    """Whether the file's position embedding ``key`` has the model's width (or either lacks it)."""
+    return key not in state or key not in own or state[key].shape[-1] == own[key].shape[-1]
