@@ -496,6 +496,22 @@ def test_paper_size_vit_b_32_has_open_clips_parameter_count_and_context_length()
     assert model.text_processor(CAPTIONS)["input_ids"].shape == (3, 77)
 
 
+@pytest.mark.parametrize("name", ["Retrieval_rsitmd_clip", "Retrieval_rsicd_clip", "Retrieval_rsitmd_fisvl_clip"])
+def test_the_paper_configs_build_the_paper_size_towers(name: str) -> None:
+    """The shipped configs as a user runs them, their weight files replaced by random weights: ViT-B-32 with
+    QuickGELU under every one, and FISVL on CLIP with its ResNet-50 prior, SFGS and two graph steps."""
+    config = load_config(ROOT / "configs" / f"{name}.yaml",
+                         ["clip_weights=null", "resnet_ckpt=null", "allow_random_init=[clip, conv_encoder]"])
+    if config["model"] == "fisvl_clip":
+        config["fgis_prior"] = True
+    model = build_model(config)
+    assert sum(p.numel() for p in model.clip.parameters()) == VIT_B_32_PARAMETERS and model.quick_gelu
+    assert config["precision"] == "amp_bf16" and config["optimizer"]["weight_decay"] == 0.5
+    if config["model"] == "fisvl_clip":
+        assert model.use_prior and model.sfgs is not None and len(model.img_gcn) == 2
+        assert model.conv_encoder.width == 2048 and model.token_proj.in_features == 768
+
+
 # --- 9. the demos end to end
 # The demo configs as a user runs them, on 20 training and 5 validation images per class and 2 epochs; the test
 # split keeps its 200 images, so 5 x chance (13.25) stays far below a perfect score (the demo_root fixture's 20
