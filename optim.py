@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # torch has no public form
 
 from models import RetrievalModel
 
@@ -35,7 +36,17 @@ def parameter_groups(model: RetrievalModel, lr: float, weight_decay: float, lr_m
 def create_optimizer(opt_config: dict[str, Any], model: RetrievalModel,
                      objective: nn.Module | None = None) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.98, eps 1e-8 by default), or Adam (``opt: adam``, the AMFMN lineage's) over
-    :func:`parameter_groups`."""
+    :func:`parameter_groups`; ``fused: true`` selects torch's fused kernel. torch checks the parameters' device
+    only at the first step, with a message about an argument the user never wrote: here it is checked at once,
+    naming the key."""
     groups = parameter_groups(model, opt_config["lr"], opt_config["weight_decay"], opt_config["lr_mult"], objective)
     optimizer = torch.optim.Adam if opt_config["opt"] == "adam" else torch.optim.AdamW
-    return optimizer(groups, lr=opt_config["lr"], betas=tuple(opt_config["betas"]), eps=opt_config["eps"])
+    if not opt_config["fused"]:
+        return optimizer(groups, lr=opt_config["lr"], betas=tuple(opt_config["betas"]), eps=opt_config["eps"])
+    supported = _get_fused_kernels_supported_devices()
+    devices = sorted({p.device.type for group in groups for p in group["params"]})
+    if any(device not in supported for device in devices):
+        raise ValueError(f"optimizer.fused: true, but torch {torch.__version__} has no fused {optimizer.__name__} for "
+                         f"parameters on {', '.join(devices)} (it has one on {', '.join(supported)}); set "
+                         f"optimizer.fused: false")
+    return optimizer(groups, lr=opt_config["lr"], betas=tuple(opt_config["betas"]), eps=opt_config["eps"], fused=True)

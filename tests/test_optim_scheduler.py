@@ -14,7 +14,8 @@ from models.objective import RetrievalObjective
 from optim import create_optimizer, parameter_groups
 from scheduler import create_scheduler, lr_factor, warmup_steps
 
-OPT = {"opt": "adamW", "lr": 1e-3, "weight_decay": 0.05, "lr_mult": 2.0, "betas": [0.9, 0.98], "eps": 1e-8}
+OPT = {"opt": "adamW", "lr": 1e-3, "weight_decay": 0.05, "lr_mult": 2.0, "betas": [0.9, 0.98], "eps": 1e-8,
+       "fused": False}
 
 
 class Toy(RetrievalModel):
@@ -104,6 +105,31 @@ def test_weight_decay_changes_only_decayed_parameters() -> None:
     optimizer.step()
     moved = {n for n, p in named.items() if not torch.equal(p, before[n])}
     assert moved == {"vision_encoder.fc.weight", "vision_proj.weight", "temp", "objective.losses.affil.temp"}
+
+
+@pytest.mark.parametrize("opt", ["adamW", "adam"])
+def test_fused_reaches_the_optimizer_with_the_same_groups_and_update(opt: str) -> None:
+    """``optimizer.fused: true`` keeps the parameter groups and gives the update of the unfused kernel (on CPU,
+    where this torch has the fused kernel)."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, objective = Toy(), affiliation_objective()
+        optimizer = create_optimizer({**OPT, "opt": opt, "fused": fused}, model, objective)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for p in [*model.parameters(), *objective.parameters()]:
+            p.grad = torch.full_like(p, 0.5) if p.requires_grad else None
+        optimizer.step()
+        results.append(([(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups],
+                        [p.detach().clone() for p in model.parameters()]))
+    (groups, unfused), (fused_groups, fused_params) = results
+    assert fused_groups == groups
+    assert all(torch.allclose(a, b) for a, b in zip(unfused, fused_params))
+
+
+def test_fused_on_a_device_without_the_kernel_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"optimizer.fused: true, but torch .* on meta"):
+        create_optimizer({**OPT, "fused": True}, Toy().to("meta"))
 
 
 def test_schedule_values() -> None:

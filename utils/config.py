@@ -60,6 +60,8 @@ _OPTIMIZER: Section = {
     "lr_mult": Key((float,), 1.0, "learning-rate multiplier of the newly initialised heads (projections, temperature)"),
     "betas": Key((list,), [0.9, 0.98], "AdamW betas"),
     "eps": Key((float,), 1e-8, "AdamW epsilon"),
+    "fused": Key((bool,), False, "torch's fused AdamW/Adam kernel (the same update in one kernel over all "
+                 "parameters; CUDA, and CPU in recent torch); an error names this key on a device without it"),
 }
 
 _SCHEDULER: Section = {
