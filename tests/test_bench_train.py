@@ -24,7 +24,7 @@ def bench_train() -> ModuleType:
 
 def test_every_model_gets_its_variants_and_evaluation(capsys: pytest.CaptureFixture[str]) -> None:
     bench = bench_train()
-    demo = {name: (f"demo_{name}.yaml", ("synthetic_data=null",)) for name in ("fisvl", "pir", "clip")}
+    demo = bench.DEMO_MODELS
     variants = bench.VARIANTS[:3]  # fp32, amp_bf16, + fused AdamW
     bench.run(demo, torch.device("cpu"), {name: 4 for name in demo}, steps=1, warmup=1, variants=variants,
               skipped={variants[2].name: "not in this test"}, n_images=4, captions_per_image=5)
