@@ -49,21 +49,40 @@ def checkpoint(tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory)
     return save_checkpoint(load_config(tiny_config_path), tmp_path_factory.mktemp("ckpt") / "checkpoint.pth")
 
 
-@pytest.fixture(scope="module")
-def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
-    """The demo test images (absolute paths), their captions and each caption's image."""
-    entries = json.loads((demo_root / "demo_test.json").read_text())
-    paths = [str(demo_root / "images" / e["image"]) for e in entries]
+def split_of(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """A demo dataset's test images (absolute paths), their captions and each caption's image."""
+    entries = json.loads((root / "demo_test.json").read_text())
+    paths = [str(root / "images" / e["image"]) for e in entries]
     captions = [c for e in entries for c in e["caption"]]
     owners = [i for i, e in enumerate(entries) for _ in e["caption"]]
     return paths, captions, owners
 
 
 @pytest.fixture(scope="module")
+def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
+    return split_of(demo_root)
+
+
+@pytest.fixture(scope="module")
 def test_index(checkpoint: Path, test_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 20 demo test images indexed with the untrained checkpoint, in two shards."""
     folder = tmp_path_factory.mktemp("index") / "idx"
     assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *test_split[0], "--index",
                           str(folder), "--workers", "2", "--batch_size", "8", "--shard_size", "16"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_split(search_demo_root: Path) -> tuple[list[str], list[str], list[int]]:
+    return split_of(search_demo_root)
+
+
+@pytest.fixture(scope="module")
+def trained_index(trained_clip: Path, trained_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 100 test images of ``search_demo_root`` indexed with the trained CLIP, in two shards."""
+    folder = tmp_path_factory.mktemp("trained_index") / "idx"
+    assert search_main()(["index", "--checkpoint", str(trained_clip), "--images", *trained_split[0], "--index",
+                          str(folder), "--workers", "0", "--batch_size", "32", "--shard_size", "64"]) == 0
     return folder
 
 
@@ -73,17 +92,20 @@ def query_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
     return json.loads(capsys.readouterr().out)
 
 
-def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, checkpoint: Path, test_split: tuple,
-                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    paths, captions, owners = test_split
-    index = load_index(test_index)
+def test_text_queries_find_what_the_retrieval_metrics_measure(trained_index: Path, trained_clip: Path,
+                                                              trained_split: tuple, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Each test caption finds its own image in the top 10 for most queries (chance: 10 of 100 images), caption by
+    caption where the evaluation's ranks say so, and as often as the checkpoint's evaluated img_r10."""
+    paths, captions, owners = trained_split
+    index = load_index(trained_index)
     assert [item.path for item in index.items] == sorted(paths) and len(index.manifest["shards"]) == 2
     order = [paths.index(item.path) for item in index.items]
-    retriever = load_retriever(checkpoint)
+    retriever = load_retriever(trained_clip)
     assert torch.allclose(index.embeddings, retriever.encode_images(paths)[order], atol=2e-3)
 
     (tmp_path / "queries.txt").write_text("\n".join(captions) + "\n")
-    answers = query_json(capsys, "--index", str(test_index), "--queries", str(tmp_path / "queries.txt"), "--top", "10")
+    answers = query_json(capsys, "--index", str(trained_index), "--queries", str(tmp_path / "queries.txt"), "--top", "10")
     assert [a["query"] for a in answers] == captions
     assert all(len(a["results"]) == 10 and [r["rank"] for r in a["results"]] == list(range(1, 11)) for a in answers)
     assert set(answers[0]["results"][0]) == {"rank", "score", "path", "window", "crs", "bounds"}
@@ -93,6 +115,7 @@ def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, 
     img2txt = [[t for t, owner in enumerate(owners) if owner == image] for image in order]
     txt2img = [order.index(owner) for owner in owners]
     metrics = retrieval_metrics(sims, img2txt, txt2img)
+    assert 100 * np.mean(found) > 50 and len(paths) == 100
     assert 100 * np.mean(found) == pytest.approx(metrics["img_r10"], abs=1.0)
     rank_of_own_image = (sims > sims[txt2img, range(len(captions))]).sum(0)  # caption by caption, not only the mean
     assert found == (rank_of_own_image < 10).tolist()
