@@ -113,7 +113,7 @@ def build_faiss(vectors: np.ndarray, kind: str) -> tuple[Any, dict[str, int]]:
     return index, params
 
 
-def _tune(index: Any, kind: str, params: dict[str, int]) -> Any:
+def tune(index: Any, kind: str, params: dict[str, int]) -> Any:
     """Search-time parameters, which FAISS does not keep in the file."""
     if kind == "hnsw":
         index.hnsw.efSearch = params["efSearch"]
@@ -291,7 +291,7 @@ def load_index(folder: str | Path) -> LoadedIndex:
         import faiss
 
         params = {k: v for k, v in manifest["faiss"].items() if k != "kind"}
-        index = _tune(faiss.read_index(str(folder / FAISS_FILE)), manifest["faiss"]["kind"], params)
+        index = tune(faiss.read_index(str(folder / FAISS_FILE)), manifest["faiss"]["kind"], params)
     return LoadedIndex(folder, manifest, items, embeddings, index)
 
 
@@ -319,3 +319,9 @@ def search(index: LoadedIndex, retriever: Retriever, queries: torch.Tensor, top:
         scores = torch.from_numpy(normalised(queries)) @ torch.from_numpy(normalised(index.embeddings)).t()
     values, rows = scores.topk(top, dim=1)
     return [[(float(s), int(r)) for s, r in zip(vrow, rrow)] for vrow, rrow in zip(values.tolist(), rows.tolist())]
+
+
+def ranked(index: LoadedIndex, found: list[tuple[float, int]]) -> list[dict[str, Any]]:
+    """The records of one query's hits, best first, as ``query --json`` and the web API give them: rank,
+    score and the item's path, window, CRS and bounds."""
+    return [{"rank": rank, "score": score, **index.items[row].describe()} for rank, (score, row) in enumerate(found, 1)]
