@@ -306,3 +306,37 @@ def test_a_pairwise_model_queries_through_its_similarity(demo_root: Path, test_s
         expected = [index.items[i].path for i in column.argsort(descending=True).tolist()]
         assert [r["path"] for r in answer["results"]] == expected
         assert [r["score"] for r in answer["results"]] == pytest.approx(sorted(column.tolist(), reverse=True), abs=1e-5)
+
+
+def test_two_torchrun_processes_build_the_index_of_one(checkpoint: Path, test_split: tuple, tmp_path: Path) -> None:
+    """Each gloo process embeds its share into shards of its own; rank 0 merges them, with a bad file that only
+    one process reads reported; a second run embeds nothing."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in test_split[0]:
+        shutil.copy(path, images)
+    data = Path(test_split[0][0]).read_bytes()
+    (images / "zz_truncated.png").write_bytes(data[:len(data) // 2])  # sorted last: in the second process's share
+    argv = ["index", "--checkpoint", str(checkpoint), "--images", str(images), "--workers", "0", "--batch_size", "3",
+            "--shard_size", "4"]
+    assert search_main()([*argv, "--index", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "tools" / "search.py"), *argv, "--index", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "21 files; 20 items kept, 0 dropped (removed or changed files), 1 to embed by 2 processes" in result.stderr
+    assert "20 items (0 embedded now), 1 problem(s)" in result.stderr  # the bad file is tried again, and reported
+
+    one, two = load_index(tmp_path / "one"), load_index(tmp_path / "two")
+    assert two.manifest["problems"] == one.manifest["problems"]
+    assert [p["path"] for p in one.manifest["problems"]] == [str(images / "zz_truncated.png")]
+    names = two.manifest["shards"]
+    assert len(names) == 6 and {int(n.split("_")[1]) % 2 for n in names} == {0, 1}  # 3 shards of each process
+    order = [[i.key for i in two.items].index(item.key) for item in one.items]
+    assert len(two.items) == len(one.items) == 20 and [two.items[i] for i in order] == one.items
+    assert torch.allclose(two.embeddings[order], one.embeddings, atol=2e-3)
+    assert two.faiss.ntotal == 20
+    _, rows = two.faiss.search(np.ascontiguousarray(two.embeddings[order].numpy()), 1)
+    assert rows[:, 0].tolist() == order

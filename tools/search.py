@@ -2,6 +2,7 @@
 
     python tools/search.py index --checkpoint output/demo/checkpoint_best.pth --images photos/ scenes/*.tif \\
         --index my_index [--tile 256 --stride 192] [--faiss flat|hnsw|ivf]
+    torchrun --nproc_per_node 8 tools/search.py index ... --device cuda   # a shard per process, one index
     python tools/search.py query --index my_index "storage tanks beside a river" [--queries FILE]
         [--image PATH] [--top 20] [--json] [--out DIR]
     python tools/search.py serve --index my_index [--host 127.0.0.1] [--port 8000] [--top 20]
@@ -32,6 +33,7 @@ from dataset.scenes import THUMB, Item, read_item, thumbnail  # noqa: E402
 from models import Retriever, load_retriever  # noqa: E402
 from models.search_index import (FAISS_KINDS, IndexOptions, LoadedIndex, SearchIndexError,  # noqa: E402
                                  check_retriever, load_index, ranked, search, update_index)
+from utils.distributed import cleanup, init_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +80,16 @@ def run_index(args: argparse.Namespace) -> int:
     if args.tile > 0 and not 0 < args.stride <= args.tile:
         print(f"error: --stride {args.stride} must be in 1..--tile ({args.tile})", file=sys.stderr)
         return 2
-    retriever = load_retriever(args.checkpoint, args.device)
-    options = IndexOptions(args.tile, args.stride, args.batch_size, args.workers, args.shard_size, args.faiss,
-                           args.precision or retriever.config["precision"])
-    update_index(args.index, args.checkpoint, args.images, retriever, options,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")  # under torchrun: its group
+    try:
+        device = f"cuda:{info.local_rank}" if info.distributed and args.device == "cuda" else args.device
+        retriever = load_retriever(args.checkpoint, device)
+        options = IndexOptions(args.tile, args.stride, args.batch_size, args.workers, args.shard_size, args.faiss,
+                               args.precision or retriever.config["precision"])
+        update_index(args.index, args.checkpoint, args.images, retriever, options,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        cleanup()
     return 0
 
 
