@@ -23,6 +23,7 @@ from .images import ImageDecoding, load_rgb, load_rgb_window
 
 SCENE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2", ".j2k"})
 Window = tuple[int, int, int, int]  # col_off, row_off, width, height
+THUMB = 160  # pixels, the longer side of a preview
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class Item:
     @property
     def key(self) -> tuple[str, Window | None]:
         return self.path, self.window
+
+    def describe(self) -> dict[str, Any]:
+        """What a search result shows of the item (its path, window, CRS and bounds), as JSON values."""
+        return {"path": self.path, "window": None if self.window is None else list(self.window), "crs": self.crs,
+                "bounds": None if self.bounds is None else list(self.bounds)}
 
     def record(self) -> dict[str, Any]:
         """As a JSON object (one line of an index's metadata)."""
@@ -118,6 +124,12 @@ def plan_file(path: str, tile: int, stride: int) -> list[Item]:
 def read_item(item: Item, decoding: ImageDecoding) -> Image.Image:
     """The item's pixels as 8-bit RGB: the whole file by ``load_rgb``, a tile by ``load_rgb_window``."""
     return load_rgb(item.path, decoding) if item.window is None else load_rgb_window(item.path, item.window, decoding)
+
+
+def thumbnail(image: Image.Image, size: int = THUMB) -> Image.Image:
+    """The image scaled (up or down) to fit ``size`` pixels: the result pages' and the web page's previews."""
+    scale = size / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
 class ItemImages(torch.utils.data.Dataset):

@@ -5,14 +5,15 @@ The folder holds
     FAISS index's kind and parameters, whether the last run finished (``complete``) and the files it could
     not decode (``problems``);
   * ``shard_NNNNNN.jsonl`` + ``shard_NNNNNN.npy``: the items (``dataset.scenes.Item`` records) and their
-    float16 embeddings, ``shard_size`` rows each. Both are written atomically, the ``.npy`` last: a shard
+    float16 embeddings, at most ``shard_size`` rows each. Both are written atomically, the ``.npy`` last: a shard
     without its ``.npy`` was cut off by a kill and is ignored, so a rerun loses nothing already written;
   * ``faiss.index``: exact inner product (``flat``), HNSW or IVF over the L2-normalised embeddings, rows in
     shard order. A pairwise model (``scores_are_dot_products`` False) has none: a query scores every item
     with the model's ``similarity``.
 
 A run keeps the rows whose file is still among its sources with the same size and modification time,
-drops the others (removed or changed files), and embeds only the items not yet in the index.
+drops the others (removed or changed files), and embeds only the items not yet in the index. Under torchrun
+each process embeds its share into shards of its own (numbers interleaved by rank) and rank 0 merges them.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from dataset.scenes import Item, ItemImages, collate_items, find_images, plan_file
 from utils.checkpoint import remove_stale_temporaries, temporary_path, write_bytes_atomic, write_text_atomic
+from utils.distributed import all_gather_object, barrier, get_rank, get_world_size, shard_range
 from utils.weights import fingerprint
 
 from .inference import Retriever, embed_image_batches, similarity_matrix
@@ -113,7 +115,7 @@ def build_faiss(vectors: np.ndarray, kind: str) -> tuple[Any, dict[str, int]]:
     return index, params
 
 
-def _tune(index: Any, kind: str, params: dict[str, int]) -> Any:
+def tune(index: Any, kind: str, params: dict[str, int]) -> Any:
     """Search-time parameters, which FAISS does not keep in the file."""
     if kind == "hnsw":
         index.hnsw.efSearch = params["efSearch"]
@@ -163,24 +165,9 @@ def _check_compatible(folder: Path, manifest: dict[str, Any], wanted: dict[str, 
                                    f"index into a new folder, or rerun with --{key} {manifest[key]}")
 
 
-def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[str], retriever: Retriever,
-                 options: IndexOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Bring the index in ``folder`` up to date with the images in ``sources``; returns the run's counts
-    (``files``, ``kept``, ``dropped``, ``embedded``, ``items``) and ``problems``."""
-    folder, checkpoint = Path(folder), Path(checkpoint)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
-    model = retriever.model
-    manifest = {"version": INDEX_VERSION, **_checkpoint_identity(checkpoint), "model": retriever.config["model"],
-                "scores_are_dot_products": model.scores_are_dot_products, "tile": options.tile,
-                "stride": options.stride, "image_decode": retriever.config["image_decode"],
-                "precision": options.precision}
-    previous = read_manifest(folder)
-    if previous is not None:
-        _check_compatible(folder, previous, manifest)
-
-    files = find_images(sources)
-    stats = {path: os.stat(path) for path in files}
+def _keep_unchanged(folder: Path, stats: dict[str, os.stat_result]) -> tuple[list[Shard], int, int]:
+    """The shards with the rows whose file is unchanged (same size and mtime), rewritten without the others;
+    returns them and the numbers of rows kept and dropped."""
     shards, kept, dropped = [], 0, 0
     for shard in read_shards(folder):
         keep = [i for i, item in enumerate(shard.items) if item.path in stats
@@ -194,34 +181,42 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
         if keep:
             shards.append(Shard(shard.name, [shard.items[i] for i in keep], shard.embeddings[keep]))
             write_shard(folder, shards[-1])
-    done = {item.key for shard in shards for item in shard.items}
-    problems: list[dict[str, Any]] = []
-    pending: list[Item] = []
+    return shards, kept, dropped
+
+
+def _plan(files: list[str], done: set, options: IndexOptions) -> tuple[list[Item], list[dict[str, Any]]]:
+    """The items of ``files`` not yet ``done`` (tiles of the scenes larger than the tile), and the files whose
+    header cannot be read."""
+    pending, problems = [], []
     for path in files:
         try:
             pending.extend(item for item in plan_file(path, options.tile, options.stride) if item.key not in done)
         except OSError as err:
             problems.append({"path": path, "window": None, "error": f"cannot read {path}: {err}"})
-    log(f"index {folder}: {len(files)} files; {kept} items kept, {dropped} dropped (removed or changed files), "
-        f"{len(pending)} to embed")
-    write_text_atomic(json.dumps({**manifest, "complete": False}, indent=1), folder / MANIFEST)
+    return pending, problems
 
-    next_number = 1 + max((int(s.name.split("_")[1]) for s in shards), default=-1)
-    loader = torch.utils.data.DataLoader(ItemImages(pending, retriever.decoding, model.eval_transform),
+
+def _embed(folder: Path, pending: list[Item], first_number: int, retriever: Retriever, options: IndexOptions,
+           log: Callable[[str], None], show_progress: bool) -> list[dict[str, Any]]:
+    """Embed ``pending`` into shards of ``shard_size`` rows, written as they fill; returns the undecodable
+    items. Under torchrun the ranks interleave their shard numbers (``first_number + k * world + rank``), so
+    that every process writes its own files and a rerun resumes each process's finished shards."""
+    rank, world = get_rank(), get_world_size()
+    loader = torch.utils.data.DataLoader(ItemImages(pending, retriever.decoding, retriever.model.eval_transform),
                                          batch_size=options.batch_size, num_workers=options.workers,
                                          collate_fn=collate_items)
     buffer_items: list[Item] = []
     buffer_emb: list[np.ndarray] = []
-    progress, seen = Progress(len(pending)), 0
+    problems: list[dict[str, Any]] = []
+    progress, seen, written = Progress(len(pending)) if show_progress else None, 0, 0
 
     def flush(count: int) -> None:
-        """The first ``count`` buffered rows become the next shard."""
-        nonlocal next_number, buffer_items, buffer_emb
+        """The first ``count`` buffered rows become this process's next shard."""
+        nonlocal written, buffer_items, buffer_emb
         emb = np.concatenate(buffer_emb)
-        shard = Shard(f"shard_{next_number:06d}", buffer_items[:count], emb[:count].astype(np.float16))
-        write_shard(folder, shard)
-        shards.append(shard)
-        next_number, buffer_items, buffer_emb = next_number + 1, buffer_items[count:], [emb[count:]]
+        write_shard(folder, Shard(f"shard_{first_number + written * world + rank:06d}", buffer_items[:count],
+                                  emb[:count].astype(np.float16)))
+        written, buffer_items, buffer_emb = written + 1, buffer_items[count:], [emb[count:]]
 
     for positions, images, failures in loader:
         for position, message in failures:
@@ -231,17 +226,68 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
                              "error": message})
         if images is not None:
             buffer_items.extend(pending[p] for p in positions)
-            buffer_emb.append(embed_image_batches(model, [images], retriever.device, options.precision).cpu().numpy())
+            buffer_emb.append(embed_image_batches(retriever.model, [images], retriever.device,
+                                                  options.precision).cpu().numpy())
             while len(buffer_items) >= options.shard_size:
                 flush(options.shard_size)
         seen += len(positions) + len(failures)
-        progress.update(seen)
+        if progress is not None:
+            progress.update(seen)
     if buffer_items:
         flush(len(buffer_items))
+    return problems
 
+
+def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[str], retriever: Retriever,
+                 options: IndexOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Bring the index in ``folder`` up to date with the images in ``sources``; returns the run's counts
+    (``files``, ``kept``, ``dropped``, ``embedded``, ``items``) and ``problems``.
+
+    Under torchrun (the process group initialised) every process calls this with the same arguments: rank 0
+    keeps or drops the existing rows, each process embeds its contiguous share of the new items into its own
+    shards, and rank 0 merges them into the manifest and the FAISS index."""
+    folder, checkpoint = Path(folder), Path(checkpoint)
+    main_process = get_rank() == 0
+    main_log: Callable[[str], None] = log if main_process else (lambda line: None)
+    manifest = {"version": INDEX_VERSION, **_checkpoint_identity(checkpoint), "model": retriever.config["model"],
+                "scores_are_dot_products": retriever.model.scores_are_dot_products, "tile": options.tile,
+                "stride": options.stride, "image_decode": retriever.config["image_decode"],
+                "precision": options.precision}
+    previous = read_manifest(folder)
+    if previous is not None:
+        _check_compatible(folder, previous, manifest)  # every process: all of them stop with the same error
+
+    files = find_images(sources)
+    stats = {path: os.stat(path) for path in files}
+    kept = dropped = 0
+    if main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        _, kept, dropped = _keep_unchanged(folder, stats)
+        write_text_atomic(json.dumps({**manifest, "complete": False}, indent=1), folder / MANIFEST)
+    barrier()  # the other processes read the shards rank 0 has settled
+    shards = read_shards(folder)
+    pending, problems = _plan(files, {item.key for shard in shards for item in shard.items}, options)
+    main_log(f"index {folder}: {len(files)} files; {kept} items kept, {dropped} dropped (removed or changed files), "
+          f"{len(pending)} to embed" + (f" by {get_world_size()} processes" if get_world_size() > 1 else ""))
+    first_number = 1 + max((int(s.name.split("_")[1]) for s in shards), default=-1)
+    span = shard_range(len(pending))
+    failures = _embed(folder, pending[span.start:span.stop], first_number, retriever, options, log, show_progress=main_process)
+    problems += [p for rank_failures in all_gather_object(failures) for p in rank_failures]
+
+    summary: dict[str, Any] = {}
+    if main_process:
+        shards = read_shards(folder)
+        summary = _finish(folder, manifest, shards, len(files), kept, dropped, problems, options, main_log)
+    return all_gather_object(summary)[0]
+
+
+def _finish(folder: Path, manifest: dict[str, Any], shards: list[Shard], files: int, kept: int, dropped: int,
+            problems: list[dict[str, Any]], options: IndexOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """The FAISS index over every shard and the finished manifest (the run's commit); the run's summary."""
     total = sum(len(s.items) for s in shards)
     faiss_info = None
-    if model.scores_are_dot_products and total:
+    if manifest["scores_are_dot_products"] and total:
         import faiss
 
         index, params = build_faiss(normalised(np.concatenate([s.embeddings for s in shards])), options.faiss)
@@ -252,12 +298,12 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
     else:
         (folder / FAISS_FILE).unlink(missing_ok=True)
     embedded = total - kept
-    write_text_atomic(json.dumps({**manifest, "complete": True, "items": total, "files": len(files),
+    write_text_atomic(json.dumps({**manifest, "complete": True, "items": total, "files": files,
                                   "shards": [s.name for s in shards], "faiss": faiss_info, "problems": problems},
                                  indent=1), folder / MANIFEST)
     log(f"index {folder}: {total} items ({embedded} embedded now), {len(problems)} problem(s)"
         + (f", FAISS {options.faiss} {faiss_info}" if faiss_info else ", no FAISS (pairwise model)"))
-    return {"files": len(files), "kept": kept, "dropped": dropped, "embedded": embedded, "items": total,
+    return {"files": files, "kept": kept, "dropped": dropped, "embedded": embedded, "items": total,
             "problems": problems}
 
 
@@ -291,7 +337,7 @@ def load_index(folder: str | Path) -> LoadedIndex:
         import faiss
 
         params = {k: v for k, v in manifest["faiss"].items() if k != "kind"}
-        index = _tune(faiss.read_index(str(folder / FAISS_FILE)), manifest["faiss"]["kind"], params)
+        index = tune(faiss.read_index(str(folder / FAISS_FILE)), manifest["faiss"]["kind"], params)
     return LoadedIndex(folder, manifest, items, embeddings, index)
 
 
@@ -319,3 +365,9 @@ def search(index: LoadedIndex, retriever: Retriever, queries: torch.Tensor, top:
         scores = torch.from_numpy(normalised(queries)) @ torch.from_numpy(normalised(index.embeddings)).t()
     values, rows = scores.topk(top, dim=1)
     return [[(float(s), int(r)) for s, r in zip(vrow, rrow)] for vrow, rrow in zip(values.tolist(), rows.tolist())]
+
+
+def ranked(index: LoadedIndex, found: list[tuple[float, int]]) -> list[dict[str, Any]]:
+    """The records of one query's hits, best first, as ``query --json`` and the web API give them: rank,
+    score and the item's path, window, CRS and bounds."""
+    return [{"rank": rank, "score": score, **index.items[row].describe()} for rank, (score, row) in enumerate(found, 1)]

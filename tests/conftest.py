@@ -158,3 +158,26 @@ def tiny_fisvl_config_path(tiny_config_path: Path) -> Path:
     path = tiny_config_path.with_name("tiny_fisvl.yaml")
     path.write_text(tiny_config_path.read_text(encoding="utf-8") + FISVL_KEYS, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def search_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo scenes with 100 test images (10 per class, 32 px): top-10 by chance is 10%, not demo_root's 50%."""
+    from dataset.synthetic import DemoSpec, ensure_demo_dataset
+
+    root = tmp_path_factory.mktemp("search_demo")
+    return ensure_demo_dataset(root, DemoSpec(train_per_class=16, val_per_class=2, test_per_class=10, image_size=32))
+
+
+@pytest.fixture(scope="session")
+def trained_clip(search_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/demo_clip.yaml trained briefly on ``search_demo_root`` through Retrieval.main: a checkpoint that
+    ranks the test images far above chance, for the tests that need a model that learned something."""
+    from Retrieval import main
+
+    root, output = search_demo_root, tmp_path_factory.mktemp("trained_clip")
+    main(["--config", str(ROOT / "configs" / "demo_clip.yaml"), "--output_dir", str(output), "--device", "cpu",
+          "synthetic_data=null", f"train_file=[{root}/demo_train.json]", f"val_file={root}/demo_val.json",
+          f"test_file={root}/demo_test.json", f"image_root={root}/images", "image_res=32", "num_workers=0",
+          "batch_size_train=32", "schedular.epochs=2", f"clip_model={ROOT / 'configs' / 'config_clip_demo.json'}"])
+    return output / "checkpoint_best.pth"

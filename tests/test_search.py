@@ -49,21 +49,40 @@ def checkpoint(tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory)
     return save_checkpoint(load_config(tiny_config_path), tmp_path_factory.mktemp("ckpt") / "checkpoint.pth")
 
 
-@pytest.fixture(scope="module")
-def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
-    """The demo test images (absolute paths), their captions and each caption's image."""
-    entries = json.loads((demo_root / "demo_test.json").read_text())
-    paths = [str(demo_root / "images" / e["image"]) for e in entries]
+def split_of(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """A demo dataset's test images (absolute paths), their captions and each caption's image."""
+    entries = json.loads((root / "demo_test.json").read_text())
+    paths = [str(root / "images" / e["image"]) for e in entries]
     captions = [c for e in entries for c in e["caption"]]
     owners = [i for i, e in enumerate(entries) for _ in e["caption"]]
     return paths, captions, owners
 
 
 @pytest.fixture(scope="module")
+def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
+    return split_of(demo_root)
+
+
+@pytest.fixture(scope="module")
 def test_index(checkpoint: Path, test_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 20 demo test images indexed with the untrained checkpoint, in two shards."""
     folder = tmp_path_factory.mktemp("index") / "idx"
     assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *test_split[0], "--index",
                           str(folder), "--workers", "2", "--batch_size", "8", "--shard_size", "16"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_split(search_demo_root: Path) -> tuple[list[str], list[str], list[int]]:
+    return split_of(search_demo_root)
+
+
+@pytest.fixture(scope="module")
+def trained_index(trained_clip: Path, trained_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 100 test images of ``search_demo_root`` indexed with the trained CLIP, in two shards."""
+    folder = tmp_path_factory.mktemp("trained_index") / "idx"
+    assert search_main()(["index", "--checkpoint", str(trained_clip), "--images", *trained_split[0], "--index",
+                          str(folder), "--workers", "0", "--batch_size", "32", "--shard_size", "64"]) == 0
     return folder
 
 
@@ -73,17 +92,20 @@ def query_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
     return json.loads(capsys.readouterr().out)
 
 
-def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, checkpoint: Path, test_split: tuple,
-                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    paths, captions, owners = test_split
-    index = load_index(test_index)
+def test_text_queries_find_what_the_retrieval_metrics_measure(trained_index: Path, trained_clip: Path,
+                                                              trained_split: tuple, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Each test caption finds its own image in the top 10 for most queries (chance: 10 of 100 images), caption by
+    caption where the evaluation's ranks say so, and as often as the checkpoint's evaluated img_r10."""
+    paths, captions, owners = trained_split
+    index = load_index(trained_index)
     assert [item.path for item in index.items] == sorted(paths) and len(index.manifest["shards"]) == 2
     order = [paths.index(item.path) for item in index.items]
-    retriever = load_retriever(checkpoint)
+    retriever = load_retriever(trained_clip)
     assert torch.allclose(index.embeddings, retriever.encode_images(paths)[order], atol=2e-3)
 
     (tmp_path / "queries.txt").write_text("\n".join(captions) + "\n")
-    answers = query_json(capsys, "--index", str(test_index), "--queries", str(tmp_path / "queries.txt"), "--top", "10")
+    answers = query_json(capsys, "--index", str(trained_index), "--queries", str(tmp_path / "queries.txt"), "--top", "10")
     assert [a["query"] for a in answers] == captions
     assert all(len(a["results"]) == 10 and [r["rank"] for r in a["results"]] == list(range(1, 11)) for a in answers)
     assert set(answers[0]["results"][0]) == {"rank", "score", "path", "window", "crs", "bounds"}
@@ -93,6 +115,7 @@ def test_text_queries_find_what_the_retrieval_metrics_measure(test_index: Path, 
     img2txt = [[t for t, owner in enumerate(owners) if owner == image] for image in order]
     txt2img = [order.index(owner) for owner in owners]
     metrics = retrieval_metrics(sims, img2txt, txt2img)
+    assert 100 * np.mean(found) > 50 and len(paths) == 100
     assert 100 * np.mean(found) == pytest.approx(metrics["img_r10"], abs=1.0)
     rank_of_own_image = (sims > sims[txt2img, range(len(captions))]).sum(0)  # caption by caption, not only the mean
     assert found == (rank_of_own_image < 10).tolist()
@@ -283,3 +306,37 @@ def test_a_pairwise_model_queries_through_its_similarity(demo_root: Path, test_s
         expected = [index.items[i].path for i in column.argsort(descending=True).tolist()]
         assert [r["path"] for r in answer["results"]] == expected
         assert [r["score"] for r in answer["results"]] == pytest.approx(sorted(column.tolist(), reverse=True), abs=1e-5)
+
+
+def test_two_torchrun_processes_build_the_index_of_one(checkpoint: Path, test_split: tuple, tmp_path: Path) -> None:
+    """Each gloo process embeds its share into shards of its own; rank 0 merges them, with a bad file that only
+    one process reads reported; a second run embeds nothing."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in test_split[0]:
+        shutil.copy(path, images)
+    data = Path(test_split[0][0]).read_bytes()
+    (images / "zz_truncated.png").write_bytes(data[:len(data) // 2])  # sorted last: in the second process's share
+    argv = ["index", "--checkpoint", str(checkpoint), "--images", str(images), "--workers", "0", "--batch_size", "3",
+            "--shard_size", "4"]
+    assert search_main()([*argv, "--index", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "tools" / "search.py"), *argv, "--index", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "21 files; 20 items kept, 0 dropped (removed or changed files), 1 to embed by 2 processes" in result.stderr
+    assert "20 items (0 embedded now), 1 problem(s)" in result.stderr  # the bad file is tried again, and reported
+
+    one, two = load_index(tmp_path / "one"), load_index(tmp_path / "two")
+    assert two.manifest["problems"] == one.manifest["problems"]
+    assert [p["path"] for p in one.manifest["problems"]] == [str(images / "zz_truncated.png")]
+    names = two.manifest["shards"]
+    assert len(names) == 6 and {int(n.split("_")[1]) % 2 for n in names} == {0, 1}  # 3 shards of each process
+    order = [[i.key for i in two.items].index(item.key) for item in one.items]
+    assert len(two.items) == len(one.items) == 20 and [two.items[i] for i in order] == one.items
+    assert torch.allclose(two.embeddings[order], one.embeddings, atol=2e-3)
+    assert two.faiss.ntotal == 20
+    _, rows = two.faiss.search(np.ascontiguousarray(two.embeddings[order].numpy()), 1)
+    assert rows[:, 0].tolist() == order

@@ -2,14 +2,16 @@
 
     python tools/search.py index --checkpoint output/demo/checkpoint_best.pth --images photos/ scenes/*.tif \\
         --index my_index [--tile 256 --stride 192] [--faiss flat|hnsw|ivf]
+    torchrun --nproc_per_node 8 tools/search.py index ... --device cuda   # a shard per process, one index
     python tools/search.py query --index my_index "storage tanks beside a river" [--queries FILE]
         [--image PATH] [--top 20] [--json] [--out DIR]
+    python tools/search.py serve --index my_index [--host 127.0.0.1] [--port 8000] [--top 20]
 
 ``index`` embeds every image Pillow reads under the given folders (recursively) or globs, and cuts
 GeoTIFF / JPEG2000 scenes larger than --tile into overlapping tiles; rerunning it embeds only new or
 changed files, drops removed ones and finishes an interrupted run. ``query`` prints a ranked table (or JSON
-with --json); --out writes a contact sheet PNG and an HTML page per query. See README, "Search your own
-imagery".
+with --json); --out writes a contact sheet PNG and an HTML page per query. ``serve`` answers the same
+queries on a web page and a JSON API (search_app.py). See README, "Search your own imagery".
 """
 from __future__ import annotations
 
@@ -27,12 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image, ImageDraw  # noqa: E402
 
 from dataset.images import ImageDecoding, load_rgb  # noqa: E402
-from dataset.scenes import Item, read_item  # noqa: E402
-from models import load_retriever  # noqa: E402
+from dataset.scenes import THUMB, Item, read_item, thumbnail  # noqa: E402
+from models import Retriever, load_retriever  # noqa: E402
 from models.search_index import (FAISS_KINDS, IndexOptions, LoadedIndex, SearchIndexError,  # noqa: E402
-                                 check_retriever, load_index, search, update_index)
-
-THUMB = 160
+                                 check_retriever, load_index, ranked, search, update_index)
+from utils.distributed import cleanup, init_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--out", metavar="DIR", help="write a contact sheet PNG and an HTML page per query here")
     query.add_argument("--checkpoint", help="default: the one the index was made with (it must be that one)")
     query.add_argument("--device", default="cpu")
+    serve = commands.add_parser("serve", help="a web page and a JSON API over an index (the model loads once)")
+    serve.add_argument("--index", required=True, help="an index folder made by 'index'")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines too")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--top", type=int, default=20, help="results per query unless the request says otherwise")
+    serve.add_argument("--checkpoint", help="default: the one the index was made with (it must be that one)")
+    serve.add_argument("--device", default="cpu")
     return parser
 
 
@@ -72,17 +80,17 @@ def run_index(args: argparse.Namespace) -> int:
     if args.tile > 0 and not 0 < args.stride <= args.tile:
         print(f"error: --stride {args.stride} must be in 1..--tile ({args.tile})", file=sys.stderr)
         return 2
-    retriever = load_retriever(args.checkpoint, args.device)
-    options = IndexOptions(args.tile, args.stride, args.batch_size, args.workers, args.shard_size, args.faiss,
-                           args.precision or retriever.config["precision"])
-    update_index(args.index, args.checkpoint, args.images, retriever, options,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")  # under torchrun: its group
+    try:
+        device = f"cuda:{info.local_rank}" if info.distributed and args.device == "cuda" else args.device
+        retriever = load_retriever(args.checkpoint, device)
+        options = IndexOptions(args.tile, args.stride, args.batch_size, args.workers, args.shard_size, args.faiss,
+                               args.precision or retriever.config["precision"])
+        update_index(args.index, args.checkpoint, args.images, retriever, options,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        cleanup()
     return 0
-
-
-def describe(item: Item) -> dict[str, Any]:
-    return {"path": item.path, "window": None if item.window is None else list(item.window), "crs": item.crs,
-            "bounds": None if item.bounds is None else list(item.bounds)}
 
 
 def table(query: str, results: list[dict[str, Any]]) -> str:
@@ -92,12 +100,6 @@ def table(query: str, results: list[dict[str, Any]]) -> str:
         geo = "" if r["bounds"] is None else f"  bounds {[round(b, 2) for b in r['bounds']]} {r['crs']}"
         lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['path']}{where}{geo}")
     return "\n".join(lines)
-
-
-def thumbnail(image: Image.Image) -> Image.Image:
-    """The image scaled (up or down) to fit ``THUMB`` pixels."""
-    scale = THUMB / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
 def write_report(out: Path, number: int, label: str, query_image: Image.Image | None,
@@ -140,6 +142,14 @@ def write_report(out: Path, number: int, label: str, query_image: Image.Image | 
     (out / f"query_{number:03d}.html").write_text(page, encoding="utf-8")
 
 
+def open_index(args: argparse.Namespace) -> tuple[LoadedIndex, Retriever]:
+    """The index and the model it was made with (``--checkpoint`` if it moved: the same sha256)."""
+    index = load_index(args.index)
+    checkpoint = Path(args.checkpoint or index.manifest["checkpoint"])
+    check_retriever(index, checkpoint)
+    return index, load_retriever(checkpoint, args.device)
+
+
 def run_query(args: argparse.Namespace) -> int:
     texts = list(args.texts)
     if args.queries:
@@ -147,10 +157,7 @@ def run_query(args: argparse.Namespace) -> int:
     if not texts and not args.image:
         print("error: give text queries, --queries FILE or --image PATH", file=sys.stderr)
         return 2
-    index = load_index(args.index)
-    checkpoint = Path(args.checkpoint or index.manifest["checkpoint"])
-    check_retriever(index, checkpoint)
-    retriever = load_retriever(checkpoint, args.device)
+    index, retriever = open_index(args)
     labelled: list[tuple[str, Image.Image | None, list[tuple[float, int]]]] = []
     if texts:
         hits = search(index, retriever, retriever.encode_texts(texts).cpu(), args.top, by_text=True)
@@ -161,8 +168,7 @@ def run_query(args: argparse.Namespace) -> int:
         labelled += [(path, image, found) for path, image, found in zip(args.image, images, hits)]
     answers = []
     for number, (label, image, found) in enumerate(labelled):
-        results = [{"rank": rank, "score": score, **describe(index.items[row])}
-                   for rank, (score, row) in enumerate(found, start=1)]
+        results = ranked(index, found)
         answers.append({"query": label if image is None else {"image": label}, "results": results})
         if args.out:
             write_report(Path(args.out), number, label, image, results, [index.items[row] for _, row in found], index)
@@ -173,10 +179,26 @@ def run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_app.py beside this file, however it was loaded
+    from search_app import MAX_TOP, create_app
+
+    if not 1 <= args.top <= MAX_TOP:
+        print(f"error: --top {args.top} must be in 1..{MAX_TOP}", file=sys.stderr)
+        return 2
+    index, retriever = open_index(args)
+    print(f"serving index {index.folder} ({len(index.items)} items) at http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(index, retriever, args.top), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_index(args) if args.command == "index" else run_query(args)
+        return {"index": run_index, "query": run_query, "serve": run_serve}[args.command](args)
     except (SearchIndexError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
