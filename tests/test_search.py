@@ -340,3 +340,36 @@ def test_two_torchrun_processes_build_the_index_of_one(checkpoint: Path, test_sp
     assert two.faiss.ntotal == 20
     _, rows = two.faiss.search(np.ascontiguousarray(two.embeddings[order].numpy()), 1)
     assert rows[:, 0].tolist() == order
+
+
+def test_the_demo_scene_tiles_find_what_their_images_find(trained_clip: Path, search_demo_root: Path,
+                                                          trained_split: tuple, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """tools/make_demo_data.py --scene: 16 test images in one GeoTIFF; tiled at the image size, each tile is its
+    image (same pixels, bounds from the transform) and a caption scores the tile as it scores the image."""
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "tools" / "make_demo_data.py")
+    make_demo_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo_data)
+    scene = tmp_path / "scene.tif"
+    placed = make_demo_data.write_scene(search_demo_root, scene)
+    assert len(placed) == 16 and len({entry["label_name"] for entry, _ in placed}) == 10
+    items = plan_file(str(scene), 32, 32)
+    assert [item.window for item in items] == [window for _, window in placed]
+    assert items[5].bounds == (500000.0 + 16, 4600000.0 - 32, 500000.0 + 32, 4600000.0 - 16)  # 0.5 m pixels
+    for (entry, window), item in zip(placed, items):
+        image = np.asarray(load_rgb(search_demo_root / "images" / entry["image"]))
+        assert np.array_equal(np.asarray(load_rgb_window(scene, item.window)), image)
+
+    folder = tmp_path / "idx"
+    assert search_main()(["index", "--checkpoint", str(trained_clip), "--images", *trained_split[0], str(scene),
+                          "--tile", "32", "--stride", "32", "--index", str(folder), "--workers", "0"]) == 0
+    answers = query_json(capsys, "--index", str(folder), *[entry["caption"][0] for entry, _ in placed], "--top", "116")
+    tiles_in_top10 = 0
+    for (entry, window), answer in zip(placed, answers):
+        score = {(Path(r["path"]).name, None if r["window"] is None else tuple(r["window"])): r["score"]
+                 for r in answer["results"]}
+        assert len(score) == 116
+        assert score[("scene.tif", window)] == pytest.approx(score[(entry["image"], None)], abs=2e-3)
+        tiles_in_top10 += ("scene.tif", list(window)) in [(Path(r["path"]).name, r["window"])
+                                                          for r in answer["results"][:10]]
+    assert tiles_in_top10 >= 1
