@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from models.search_index import FAISS_KINDS, build_faiss, tune  # noqa: E402
 
 DIM, TOP = 512, 10
+DEMO_ROOT = ROOT / ".cache" / "demo"
 
 
 def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -88,7 +89,7 @@ def bench_indexing(args: argparse.Namespace) -> None:
     from scheduler import parse_stages
     from utils.config import load_config
 
-    root = ensure_demo_dataset(ROOT / ".cache" / "demo", DemoSpec())
+    root = ensure_demo_dataset(args.demo_root, DemoSpec()) if args.demo_root == DEMO_ROOT else args.demo_root
     config = load_config(ROOT / "configs" / "demo_clip.yaml", [f"clip_model={ROOT / 'configs' / 'config_clip_demo.json'}"])
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "demo_clip.pth"
@@ -101,11 +102,11 @@ def bench_indexing(args: argparse.Namespace) -> None:
         summary = update_index(Path(folder) / "idx", checkpoint, [str(root / "images")], retriever, options,
                                log=lambda line: None)
         seconds = time.perf_counter() - began
-    print(f"| `tools/search.py index` ({summary['embedded']:,} demo images, 64 px, demo CLIP, batch 64, "
+    print(f"| `tools/search.py index` ({summary['embedded']:,} demo images, demo CLIP, batch 64, "
           f"{args.workers} workers, CPU) | {seconds:.1f} s | {summary['embedded'] / seconds:.0f} images/s |", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10k and 100k vectors instead of 100k and 1M")
     parser.add_argument("--sizes", type=int, nargs="+", help="numbers of vectors (overrides --quick)")
@@ -118,7 +119,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches of 100 queries timed")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the indexing run")
     parser.add_argument("--no_indexing", action="store_true", help="skip the images/s measurement")
-    args = parser.parse_args()
+    parser.add_argument("--demo_root", type=Path, default=DEMO_ROOT,
+                        help="the demo dataset to index (the default one is generated when missing)")
+    args = parser.parse_args(argv)
     import faiss
 
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
