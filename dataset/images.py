@@ -20,6 +20,7 @@ from utils.config import ConfigError, did_you_mean
 _SCALES = ("depth", "percentile")
 _PILLOW_BANDS = ("L", "LA", "RGB", "RGBA")
 _TIFF_SAMPLES_PER_PIXEL, _TIFF_SAMPLE_FORMAT, _TIFF_UNSIGNED = 277, 339, 1
+Stretch = tuple[tuple[float, float], ...]  # (low, high) per selected band: a scene's percentile limits
 _SAMPLE_TYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                            "float16", "float32", "float64"})
 
@@ -174,24 +175,40 @@ def _band_numbers(bands: tuple[int, ...] | None, count: int, path: str | Path) -
     return list(bands)
 
 
-def load_rgb_window(path: str | Path, window: tuple[int, int, int, int],
-                    decoding: ImageDecoding | None = None) -> Image.Image:
+def load_rgb_window(path: str | Path, window: tuple[int, int, int, int], decoding: ImageDecoding | None = None,
+                    stretch: Stretch | None = None) -> Image.Image:
     """One ``(col_off, row_off, width, height)`` window of a raster (a tile of a large scene) as 8-bit RGB by
     the rules of :class:`ImageDecoding`; only that window is read, so a scene never has to fit in memory. A
-    ``percentile`` stretch is computed over the window alone."""
-    return _raster_rgb(path, ImageDecoding() if decoding is None else decoding, "a window of a scene", window)
+    ``percentile`` stretch uses ``stretch`` (the scene's, from :func:`scene_stretch`, so that all its tiles
+    are stretched alike) or, without it, the window's own percentiles."""
+    decoding = ImageDecoding() if decoding is None else decoding
+    planes = _read_raster(path, decoding.bands, "a window of a scene", window)
+    return _rgb(np.moveaxis(_to_uint8(planes, decoding, stretch), 0, -1))
 
 
-def _raster_rgb(path: str | Path, decoding: ImageDecoding, why: str,
-                window: tuple[int, int, int, int] | None = None) -> Image.Image:
-    planes = _read_raster(path, decoding.bands, why, window)
+def scene_stretch(path: str | Path, decoding: ImageDecoding, long_side: int = 1024) -> Stretch | None:
+    """Each selected band's (low, high) ``percentiles`` over the whole raster, read decimated to at most
+    ``long_side`` pixels (from its overviews when it has them): the limits a ``percentile`` decoding applies
+    to every tile of the scene. None when no stretch applies (``depth`` scale, or uint8 samples)."""
+    if decoding.scale != "percentile":
+        return None
+    planes = _read_raster(path, decoding.bands, "a scene", long_side=long_side)
+    if planes.dtype == np.uint8:
+        return None
+    low, high = _band_percentiles(planes.astype(np.float64), decoding.percentiles)
+    return tuple((float(lo), float(hi)) for lo, hi in zip(low.ravel(), high.ravel()))
+
+
+def _raster_rgb(path: str | Path, decoding: ImageDecoding, why: str) -> Image.Image:
+    planes = _read_raster(path, decoding.bands, why)
     return _rgb(np.moveaxis(_to_uint8(planes, decoding), 0, -1))
 
 
 def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str,
-                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """The selected bands as (bands, height, width), in the file's dtype: the whole raster, or one
-    ``(col_off, row_off, width, height)`` window of it."""
+                 window: tuple[int, int, int, int] | None = None, long_side: int | None = None) -> np.ndarray:
+    """The selected bands as (bands, height, width), in the file's dtype: the whole raster, one
+    ``(col_off, row_off, width, height)`` window of it, or the whole raster decimated (nearest sample) to at
+    most ``long_side`` pixels."""
     import rasterio  # here, not at the top: 8-bit datasets never pay its 0.6 s import
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
     from rasterio.windows import Window
@@ -208,19 +225,24 @@ def _read_raster(path: str | Path, bands: tuple[int, ...] | None, why: str,
         dtypes = sorted({source.dtypes[b - 1] for b in numbers})
         if not _SAMPLE_TYPES.issuperset(dtypes):
             raise ImageDecodeError(f"{path}: cannot decode {'/'.join(dtypes)} samples (only integers and floats)")
+        shape = None
+        if long_side is not None and max(source.width, source.height) > long_side:
+            factor = max(source.width, source.height) / long_side
+            shape = (len(numbers), max(1, round(source.height / factor)), max(1, round(source.width / factor)))
         try:
-            return source.read(numbers, window=None if window is None else Window(*window))
+            return source.read(numbers, window=None if window is None else Window(*window), out_shape=shape)
         except RasterioIOError as err:
             raise OSError(f"{path}: rasterio (GDAL) cannot read its samples: {err.__cause__ or err}") from err
 
 
-def _to_uint8(raw: np.ndarray, decoding: ImageDecoding) -> np.ndarray:
-    """Samples of (bands, height, width) as uint8 by the rule of :class:`ImageDecoding`."""
+def _to_uint8(raw: np.ndarray, decoding: ImageDecoding, stretch: Stretch | None = None) -> np.ndarray:
+    """Samples of (bands, height, width) as uint8 by the rule of :class:`ImageDecoding`; a ``percentile``
+    decoding uses the (low, high) of ``stretch`` when given, else the samples' own percentiles."""
     if raw.dtype == np.uint8:
         return raw
     data = raw.astype(np.float64)
     if decoding.scale == "percentile":
-        unit = _stretch(data, decoding.percentiles)
+        unit = _stretch(data, decoding.percentiles, stretch)
     else:
         top = decoding.value_max
         if top is None:
@@ -229,10 +251,20 @@ def _to_uint8(raw: np.ndarray, decoding: ImageDecoding) -> np.ndarray:
     return np.rint(np.clip(np.nan_to_num(unit, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _stretch(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Each band's low/high percentile (NaN ignored) to 0/1; a constant or all-NaN band to 0."""
+def _band_percentiles(data: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Each band's low and high percentile (NaN ignored; an all-NaN band: 0, 0), shaped (bands, 1, 1)."""
     empty = np.isnan(data).all(axis=(1, 2), keepdims=True)
     low, high = np.nanpercentile(np.where(empty, 0.0, data), percentiles, axis=(1, 2), keepdims=True)
+    return low, high
+
+
+def _stretch(data: np.ndarray, percentiles: tuple[float, float], limits: Stretch | None = None) -> np.ndarray:
+    """Each band's low/high percentile (NaN ignored), or its given ``limits``, to 0/1; a constant or all-NaN
+    band to 0."""
+    if limits is None:
+        low, high = _band_percentiles(data, percentiles)
+    else:
+        low, high = (np.asarray(column, dtype=np.float64).reshape(-1, 1, 1) for column in zip(*limits))
     span = high - low
     return np.divide(data - low, span, out=np.zeros_like(data), where=span > 0)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from .images import ImageDecoding, load_rgb, load_rgb_window
+from .images import ImageDecoding, Stretch, load_rgb, load_rgb_window, scene_stretch
 
 SCENE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2", ".j2k"})
 Window = tuple[int, int, int, int]  # col_off, row_off, width, height
@@ -36,6 +36,7 @@ class Item:
     window: Window | None = None
     crs: str | None = None
     bounds: tuple[float, float, float, float] | None = None  # left, bottom, right, top in the CRS's units
+    stretch: Stretch | None = None  # a tile's percentile limits per band: its scene's, shared by all its tiles
 
     @property
     def key(self) -> tuple[str, Window | None]:
@@ -52,9 +53,10 @@ class Item:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Item:
-        window, bounds = record.get("window"), record.get("bounds")
+        window, bounds, stretch = record.get("window"), record.get("bounds"), record.get("stretch")
         return cls(record["path"], record["size"], record["mtime_ns"], None if window is None else tuple(window),
-                   record.get("crs"), None if bounds is None else tuple(bounds))
+                   record.get("crs"), None if bounds is None else tuple(bounds),
+                   None if stretch is None else tuple(map(tuple, stretch)))
 
 
 def image_suffixes() -> frozenset[str]:
@@ -89,9 +91,10 @@ def tile_offsets(size: int, tile: int, stride: int) -> list[int]:
     return offsets if offsets[-1] + tile == size else [*offsets, size - tile]
 
 
-def plan_file(path: str, tile: int, stride: int) -> list[Item]:
+def plan_file(path: str, tile: int, stride: int, decoding: ImageDecoding | None = None) -> list[Item]:
     """The items of one file: its tiles when it is a scene larger than ``tile`` (``tile`` 0: never), else
-    itself. A scene file that rasterio cannot open stays one whole item, so decoding reports why."""
+    itself. A scene file that rasterio cannot open stays one whole item, so decoding reports why. Under a
+    ``percentile`` ``decoding`` the tiles carry the scene's percentiles (``scene_stretch``)."""
     stat = os.stat(path)
     whole = Item(path, stat.st_size, stat.st_mtime_ns)
     if Path(path).suffix.lower() not in SCENE_SUFFIXES:
@@ -109,21 +112,24 @@ def plan_file(path: str, tile: int, stride: int) -> list[Item]:
         with source:
             crs = None if source.crs is None else source.crs.to_string()
 
-            def item(window: Window | None) -> Item:
+            def item(window: Window | None, stretch: Stretch | None = None) -> Item:
                 bounds = None if crs is None else tuple(
                     source.bounds if window is None else source.window_bounds(RasterWindow(*window)))
-                return Item(path, stat.st_size, stat.st_mtime_ns, window, crs, bounds)
+                return Item(path, stat.st_size, stat.st_mtime_ns, window, crs, bounds, stretch)
 
             width, height = source.width, source.height
             if tile <= 0 or (width <= tile and height <= tile):
                 return [item(None)]
-            return [item((col, row, min(tile, width), min(tile, height)))
+            stretch = scene_stretch(path, ImageDecoding() if decoding is None else decoding)
+            return [item((col, row, min(tile, width), min(tile, height)), stretch)
                     for row in tile_offsets(height, tile, stride) for col in tile_offsets(width, tile, stride)]
 
 
 def read_item(item: Item, decoding: ImageDecoding) -> Image.Image:
     """The item's pixels as 8-bit RGB: the whole file by ``load_rgb``, a tile by ``load_rgb_window``."""
-    return load_rgb(item.path, decoding) if item.window is None else load_rgb_window(item.path, item.window, decoding)
+    if item.window is None:
+        return load_rgb(item.path, decoding)
+    return load_rgb_window(item.path, item.window, decoding, item.stretch)
 
 
 def thumbnail(image: Image.Image, size: int = THUMB) -> Image.Image:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset.images import ImageDecoding
 from dataset.scenes import Item, ItemImages, collate_items, find_images, plan_file
 from utils.checkpoint import remove_stale_temporaries, temporary_path, write_bytes_atomic, write_text_atomic
 from utils.distributed import all_gather_object, barrier, get_rank, get_world_size, shard_range
@@ -57,6 +58,7 @@ class IndexOptions:
     shard_size: int = 4096
     faiss: str = "flat"
     precision: str = "fp32"
+    image_decode: dict[str, Any] | None = None  # default: the checkpoint's image_decode section
 
 
 @dataclass
@@ -163,6 +165,10 @@ def _check_compatible(folder: Path, manifest: dict[str, Any], wanted: dict[str, 
         if manifest[key] != wanted[key]:
             raise SearchIndexError(f"index {folder} was made with --{key} {manifest[key]}, not {wanted[key]}: "
                                    f"index into a new folder, or rerun with --{key} {manifest[key]}")
+    if manifest["image_decode"] != wanted["image_decode"]:
+        raise SearchIndexError(f"index {folder} was made with image_decode {manifest['image_decode']}, not "
+                               f"{wanted['image_decode']}: index into a new folder, or rerun with the same "
+                               f"--bands / --scale / --value_max / --percentiles")
 
 
 def _keep_unchanged(folder: Path, stats: dict[str, os.stat_result]) -> tuple[list[Shard], int, int]:
@@ -184,25 +190,27 @@ def _keep_unchanged(folder: Path, stats: dict[str, os.stat_result]) -> tuple[lis
     return shards, kept, dropped
 
 
-def _plan(files: list[str], done: set, options: IndexOptions) -> tuple[list[Item], list[dict[str, Any]]]:
+def _plan(files: list[str], done: set, options: IndexOptions,
+          decoding: ImageDecoding) -> tuple[list[Item], list[dict[str, Any]]]:
     """The items of ``files`` not yet ``done`` (tiles of the scenes larger than the tile), and the files whose
-    header cannot be read."""
+    header, or a scene's samples for its percentile stretch, cannot be read."""
     pending, problems = [], []
     for path in files:
         try:
-            pending.extend(item for item in plan_file(path, options.tile, options.stride) if item.key not in done)
-        except OSError as err:
+            pending.extend(item for item in plan_file(path, options.tile, options.stride, decoding)
+                           if item.key not in done)
+        except (OSError, ValueError) as err:  # rasterio's and Pillow's read errors; ImageDecodeError
             problems.append({"path": path, "window": None, "error": f"cannot read {path}: {err}"})
     return pending, problems
 
 
 def _embed(folder: Path, pending: list[Item], first_number: int, retriever: Retriever, options: IndexOptions,
-           log: Callable[[str], None], show_progress: bool) -> list[dict[str, Any]]:
+           decoding: ImageDecoding, log: Callable[[str], None], show_progress: bool) -> list[dict[str, Any]]:
     """Embed ``pending`` into shards of ``shard_size`` rows, written as they fill; returns the undecodable
     items. Under torchrun the ranks interleave their shard numbers (``first_number + k * world + rank``), so
     that every process writes its own files and a rerun resumes each process's finished shards."""
     rank, world = get_rank(), get_world_size()
-    loader = torch.utils.data.DataLoader(ItemImages(pending, retriever.decoding, retriever.model.eval_transform),
+    loader = torch.utils.data.DataLoader(ItemImages(pending, decoding, retriever.model.eval_transform),
                                          batch_size=options.batch_size, num_workers=options.workers,
                                          collate_fn=collate_items)
     buffer_items: list[Item] = []
@@ -249,10 +257,11 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
     folder, checkpoint = Path(folder), Path(checkpoint)
     main_process = get_rank() == 0
     main_log: Callable[[str], None] = log if main_process else (lambda line: None)
+    image_decode = retriever.config["image_decode"] if options.image_decode is None else options.image_decode
+    decoding = ImageDecoding.from_config(image_decode)
     manifest = {"version": INDEX_VERSION, **_checkpoint_identity(checkpoint), "model": retriever.config["model"],
                 "scores_are_dot_products": retriever.model.scores_are_dot_products, "tile": options.tile,
-                "stride": options.stride, "image_decode": retriever.config["image_decode"],
-                "precision": options.precision}
+                "stride": options.stride, "image_decode": image_decode, "precision": options.precision}
     previous = read_manifest(folder)
     if previous is not None:
         _check_compatible(folder, previous, manifest)  # every process: all of them stop with the same error
@@ -267,12 +276,13 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
         write_text_atomic(json.dumps({**manifest, "complete": False}, indent=1), folder / MANIFEST)
     barrier()  # the other processes read the shards rank 0 has settled
     shards = read_shards(folder)
-    pending, problems = _plan(files, {item.key for shard in shards for item in shard.items}, options)
+    pending, problems = _plan(files, {item.key for shard in shards for item in shard.items}, options, decoding)
     main_log(f"index {folder}: {len(files)} files; {kept} items kept, {dropped} dropped (removed or changed files), "
           f"{len(pending)} to embed" + (f" by {get_world_size()} processes" if get_world_size() > 1 else ""))
     first_number = 1 + max((int(s.name.split("_")[1]) for s in shards), default=-1)
     span = shard_range(len(pending))
-    failures = _embed(folder, pending[span.start:span.stop], first_number, retriever, options, log, show_progress=main_process)
+    failures = _embed(folder, pending[span.start:span.stop], first_number, retriever, options, decoding, log,
+                      show_progress=main_process)
     problems += [p for rank_failures in all_gather_object(failures) for p in rank_failures]
 
     summary: dict[str, Any] = {}
@@ -314,6 +324,11 @@ class LoadedIndex:
     items: list[Item]
     embeddings: torch.Tensor  # float32 [items, dim], as the model gave them (through float16)
     faiss: Any | None
+
+    @property
+    def decoding(self) -> ImageDecoding:
+        """How the index's images were decoded: query images, thumbnails and full-size items likewise."""
+        return ImageDecoding.from_config(self.manifest["image_decode"])
 
 
 def load_index(folder: str | Path) -> LoadedIndex:

@@ -373,3 +373,52 @@ def test_the_demo_scene_tiles_find_what_their_images_find(trained_clip: Path, se
         tiles_in_top10 += ("scene.tif", list(window)) in [(Path(r["path"]).name, r["window"])
                                                           for r in answer["results"][:10]]
     assert tiles_in_top10 >= 1
+
+
+def test_a_scene_is_stretched_as_a_whole_with_the_decoding_given(checkpoint: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """--scale percentile --bands 3 2 1: every tile of a 16-bit 4-band scene is stretched by the whole scene's
+    percentiles (a tile is its crop of the decoded scene, not a tile stretched on its own), the decoding is
+    recorded in the manifest, and a rerun with another decoding is refused."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from dataset.images import ImageDecoding, scene_stretch
+    from dataset.scenes import read_item
+
+    cols = np.arange(600, dtype=np.float64)[None, None, :]
+    rng = np.random.default_rng(0)
+    data = (cols * 50 + np.arange(4)[:, None, None] * 3000 + rng.integers(0, 500, (4, 500, 600))).astype("uint16")
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=600, height=500, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500000.0, 4600000.0, 0.5, 0.5)) as dst:
+        dst.write(data)
+    argv = ["index", "--checkpoint", str(checkpoint), "--images", str(scene), "--index", str(tmp_path / "idx"),
+            "--workers", "0"]
+    assert search_main()([*argv, "--scale", "percentile", "--bands", "3", "2", "1"]) == 0
+    index = load_index(tmp_path / "idx")
+    assert index.manifest["image_decode"] == {**load_retriever(checkpoint).config["image_decode"],
+                                              "scale": "percentile", "bands": [3, 2, 1]}
+    decoding = index.decoding
+    expected = [np.percentile(data[b - 1].astype(np.float64), (2, 98)).tolist() for b in (3, 2, 1)]
+    assert len(index.items) == 9 and all(np.allclose(item.stretch, expected) for item in index.items)
+
+    whole = np.asarray(load_rgb(scene, decoding))  # the scene decoded at once: its own percentiles
+    tiles = []
+    for item in index.items:
+        col, row, width, height = item.window
+        tile = read_item(item, decoding)
+        assert np.array_equal(np.asarray(tile), whole[row:row + height, col:col + width])
+        tiles.append(tile)
+    alone = np.asarray(load_rgb_window(scene, index.items[0].window, decoding))  # the window's own percentiles
+    assert np.abs(alone.astype(int) - np.asarray(tiles[0]).astype(int)).mean() > 20
+    assert torch.allclose(index.embeddings, load_retriever(checkpoint).encode_images(tiles), atol=2e-3)
+    decimated = scene_stretch(scene, decoding, long_side=100)  # 100 x 83 samples of the scene
+    assert np.allclose(decimated, expected, rtol=0.05)
+    assert scene_stretch(scene, ImageDecoding()) is None  # depth scale: nothing to share
+
+    capsys.readouterr()
+    assert search_main()([*argv, "--scale", "depth", "--bands", "3", "2", "1"]) == 1
+    assert "was made with image_decode" in capsys.readouterr().err
+    assert search_main()([*argv, "--percentiles", "98", "2"]) == 1
+    assert "image_decode.percentiles" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from dataset.scenes import THUMB, Item, read_item, thumbnail  # noqa: E402
 from models import Retriever, load_retriever  # noqa: E402
 from models.search_index import (FAISS_KINDS, IndexOptions, LoadedIndex, SearchIndexError,  # noqa: E402
                                  check_retriever, load_index, ranked, search, update_index)
+from utils.config import ConfigError  # noqa: E402
 from utils.distributed import cleanup, init_distributed  # noqa: E402
 
 
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--faiss", choices=FAISS_KINDS, default="flat",
                        help="flat: exact; hnsw (M=32, efConstruction=200, efSearch=128) or ivf (nlist ~ "
                             "4 sqrt(N), nprobe = max(16, nlist/16)) for large collections")
+    decode = index.add_argument_group("decoding (default: the checkpoint's image_decode; recorded in the index)")
+    decode.add_argument("--bands", type=int, nargs="+", help="1-based bands to read as RGB (or one as grey), "
+                                                             "e.g. 4 3 2 for Sentinel-2 true colour")
+    decode.add_argument("--scale", choices=("depth", "percentile"),
+                        help="depth: divide by --value_max; percentile: stretch --percentiles to 0..255 (a "
+                             "scene's tiles by the whole scene's percentiles)")
+    decode.add_argument("--value_max", type=float, help="the sample value that becomes 255 (depth scale)")
+    decode.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
     index.add_argument("--precision", choices=("fp32", "amp_bf16", "amp_fp16"), help="default: the checkpoint's")
     index.add_argument("--device", default="cpu", help="cpu or cuda")
     query = commands.add_parser("query", help="search an index by text or image")
@@ -84,8 +93,12 @@ def run_index(args: argparse.Namespace) -> int:
     try:
         device = f"cuda:{info.local_rank}" if info.distributed and args.device == "cuda" else args.device
         retriever = load_retriever(args.checkpoint, device)
+        overrides = {key: value for key in ("bands", "scale", "value_max", "percentiles")
+                     if (value := getattr(args, key)) is not None}
+        image_decode = {**retriever.config["image_decode"], **overrides}
+        ImageDecoding.from_config(image_decode)  # checked before anything is read
         options = IndexOptions(args.tile, args.stride, args.batch_size, args.workers, args.shard_size, args.faiss,
-                               args.precision or retriever.config["precision"])
+                               args.precision or retriever.config["precision"], image_decode)
         update_index(args.index, args.checkpoint, args.images, retriever, options,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     finally:
@@ -108,7 +121,7 @@ def write_report(out: Path, number: int, label: str, query_image: Image.Image | 
     (thumbnails linking to the files, by relative paths); a tile's thumbnail is its window of the scene."""
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
-    decoding = ImageDecoding.from_config(index.manifest["image_decode"])
+    decoding = index.decoding
     columns, cell, header = 5, THUMB + 10, 70 if query_image is None else THUMB + 30
     rows = max(1, -(-len(results) // columns))
     sheet = Image.new("RGB", (columns * cell, header + rows * (cell + 30)), "white")
@@ -163,7 +176,7 @@ def run_query(args: argparse.Namespace) -> int:
         hits = search(index, retriever, retriever.encode_texts(texts).cpu(), args.top, by_text=True)
         labelled += [(text, None, found) for text, found in zip(texts, hits)]
     if args.image:
-        images = [load_rgb(path, retriever.decoding) for path in args.image]
+        images = [load_rgb(path, index.decoding) for path in args.image]
         hits = search(index, retriever, retriever.encode_images(images).cpu(), args.top, by_text=False)
         labelled += [(path, image, found) for path, image, found in zip(args.image, images, hits)]
     answers = []
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"index": run_index, "query": run_query, "serve": run_serve}[args.command](args)
-    except (SearchIndexError, FileNotFoundError) as err:
+    except (SearchIndexError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -67,7 +67,7 @@ def create_app(index: LoadedIndex, retriever: Retriever, default_top: int = 20) 
             raise RequestError(404, f"no item {number} in index {index.folder} (items 0..{len(index.items) - 1})")
         item = index.items[number]
         try:
-            return read_item(item, retriever.decoding)
+            return read_item(item, index.decoding)
         except Exception as err:  # the file changed or went away since indexing
             where = "" if item.window is None else f" window {list(item.window)}"
             raise RequestError(404, f"cannot read item {number} ({item.path}{where}): {err}") from err
@@ -95,7 +95,7 @@ def create_app(index: LoadedIndex, retriever: Retriever, default_top: int = 20) 
             path = Path(folder) / f"upload{os.path.splitext(name)[1][:10]}"
             path.write_bytes(data)
             try:
-                picture = load_rgb(path, retriever.decoding)
+                picture = load_rgb(path, index.decoding)
             except Exception as err:
                 raise RequestError(400, f"cannot decode the uploaded file {name!r} as an image: {err}") from err
         with model_lock:
