@@ -188,7 +188,7 @@ def load_rgb_window(path: str | Path, window: tuple[int, int, int, int], decodin
 
 def scene_stretch(path: str | Path, decoding: ImageDecoding, long_side: int = 1024) -> Stretch | None:
     """Each selected band's (low, high) ``percentiles`` over the whole raster, read decimated to at most
-    ``long_side`` pixels (from its overviews when it has them): the limits a ``percentile`` decoding applies
+    ``long_side`` pixels: the limits a ``percentile`` decoding applies
     to every tile of the scene. None when no stretch applies (``depth`` scale, or uint8 samples)."""
     if decoding.scale != "percentile":
         return None
