@@ -277,8 +277,8 @@ def update_index(folder: str | Path, checkpoint: str | Path, sources: Sequence[s
     barrier()  # the other processes read the shards rank 0 has settled
     shards = read_shards(folder)
     pending, problems = _plan(files, {item.key for shard in shards for item in shard.items}, options, decoding)
-    main_log(f"index {folder}: {len(files)} files; {kept} items kept, {dropped} dropped (removed or changed files), "
-          f"{len(pending)} to embed" + (f" by {get_world_size()} processes" if get_world_size() > 1 else ""))
+    main_log(f"index {folder}: {len(files)} files; {kept} items kept, {dropped} dropped (removed or changed "
+             f"files), {len(pending)} to embed" + (f" by {get_world_size()} processes" if get_world_size() > 1 else ""))
     first_number = 1 + max((int(s.name.split("_")[1]) for s in shards), default=-1)
     span = shard_range(len(pending))
     failures = _embed(folder, pending[span.start:span.stop], first_number, retriever, options, decoding, log,
