@@ -99,13 +99,17 @@ def word_model_config(tmp_path: Path, model: str, *overrides: str) -> dict:
                                                                  *overrides])
 
 
+def small_demo(tmp_path_factory: pytest.TempPathFactory, name: str, train: int, val: int, test: int) -> Path:
+    """A procedural demo dataset of 32 px images with ``train``/``val``/``test`` images per class."""
+    from dataset.synthetic import DemoSpec, ensure_demo_dataset
+
+    return ensure_demo_dataset(tmp_path_factory.mktemp(name), DemoSpec(train, val, test, image_size=32))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small procedural dataset (10 classes x 8/2/2 images, 32 px) with its vocab.txt."""
-    from dataset.synthetic import DemoSpec, ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    return ensure_demo_dataset(root, DemoSpec(train_per_class=8, val_per_class=2, test_per_class=2, image_size=32))
+    return small_demo(tmp_path_factory, "demo", 8, 2, 2)
 
 
 @pytest.fixture(scope="session")
@@ -163,10 +167,7 @@ def tiny_fisvl_config_path(tiny_config_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def search_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo scenes with 100 test images (10 per class, 32 px): top-10 by chance is 10%, not demo_root's 50%."""
-    from dataset.synthetic import DemoSpec, ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("search_demo")
-    return ensure_demo_dataset(root, DemoSpec(train_per_class=16, val_per_class=2, test_per_class=10, image_size=32))
+    return small_demo(tmp_path_factory, "search_demo", 16, 2, 10)
 
 
 @pytest.fixture(scope="session")

@@ -63,13 +63,18 @@ def test_split(demo_root: Path) -> tuple[list[str], list[str], list[int]]:
     return split_of(demo_root)
 
 
+def index_with_the_tool(checkpoint: Path, paths: list[str], folder: Path, *options: str) -> Path:
+    """``tools/search.py index`` of ``paths`` into ``folder``, as the user runs it."""
+    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *paths, "--index", str(folder),
+                          *options]) == 0
+    return folder
+
+
 @pytest.fixture(scope="module")
 def test_index(checkpoint: Path, test_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 20 demo test images indexed with the untrained checkpoint, in two shards."""
-    folder = tmp_path_factory.mktemp("index") / "idx"
-    assert search_main()(["index", "--checkpoint", str(checkpoint), "--images", *test_split[0], "--index",
-                          str(folder), "--workers", "2", "--batch_size", "8", "--shard_size", "16"]) == 0
-    return folder
+    return index_with_the_tool(checkpoint, test_split[0], tmp_path_factory.mktemp("index") / "idx",
+                               "--workers", "2", "--batch_size", "8", "--shard_size", "16")
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +85,8 @@ def trained_split(search_demo_root: Path) -> tuple[list[str], list[str], list[in
 @pytest.fixture(scope="module")
 def trained_index(trained_clip: Path, trained_split: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 100 test images of ``search_demo_root`` indexed with the trained CLIP, in two shards."""
-    folder = tmp_path_factory.mktemp("trained_index") / "idx"
-    assert search_main()(["index", "--checkpoint", str(trained_clip), "--images", *trained_split[0], "--index",
-                          str(folder), "--workers", "0", "--batch_size", "32", "--shard_size", "64"]) == 0
-    return folder
+    return index_with_the_tool(trained_clip, trained_split[0], tmp_path_factory.mktemp("trained_index") / "idx",
+                               "--workers", "0", "--batch_size", "32", "--shard_size", "64")
 
 
 def query_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:

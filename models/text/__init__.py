@@ -13,8 +13,8 @@ from .bert import BertWordPieceProcessor, TokenizerError, build_tokenizer
 from .clip_tokenizer import ClipTokenizerProcessor
 from .vocab import VocabularyError, WordVocabProcessor
 
-__all__ = ["BertWordPieceProcessor", "ClipTokenizerProcessor", "TextProcessor", "TokenizerError", "VocabularyError", "WordVocabProcessor",
-           "build_tokenizer", "processor_from_state"]
+__all__ = ["BertWordPieceProcessor", "ClipTokenizerProcessor", "TextProcessor", "TokenizerError", "VocabularyError",
+           "WordVocabProcessor", "build_tokenizer", "processor_from_state"]
 
 
 class TextProcessor(Protocol):
